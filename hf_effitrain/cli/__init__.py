@@ -1,0 +1,49 @@
+"""`effitrain` console script: one subcommand per module, each module exposing `main(argv) -> int`.
+
+Subcommands are imported only when run, so `effitrain --help` stays fast and one method's import error does not
+break the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("hf_effitrain.cli.pretrain", "pre-train a causal LM (token- or patch-level) with the stock Trainer"),
+    "generate": ("hf_effitrain.cli.generate", "complete a prompt with a checkpoint, optionally with a decoding strategy"),
+    "push": ("hf_effitrain.cli.push", "upload an exported checkpoint to the Hugging Face Hub"),
+    "demo": ("hf_effitrain.cli.demo", "train, export, reload and sample a small model on this machine's Python source"),
+    "sft": ("hf_effitrain.cli.sft", "supervised fine-tuning, optionally with Make-Some-Noise input corruption"),
+    "cascade-train": ("hf_effitrain.cli.cascade_train", "cascade-aware training of a cascade's small model"),
+    "cascade-eval": ("hf_effitrain.cli.cascade_eval", "deferral curves of a small -> large cascade"),
+    "push-kernels": ("hf_effitrain.cli.push_kernels", "upload the package's kernel repositories to the Hub"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effitrain", description="hf_effitrain command line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `effitrain COMMAND [options]`; `effitrain COMMAND --help` shows the command's options."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _top_level_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        parser.error(f"unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}")
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Named model sizes for any supported architecture, built through `AutoConfig.for_model`.
+
+Sizes are given in architecture-neutral terms (hidden size, layers, heads, MLP width) and translated per
+architecture, so `tiny` / `small` / `base` mean comparable models whether the user picks llama, qwen2, mistral,
+gpt2 or the package's own `ode_shared`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Architecture-neutral size of a decoder-only model."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    description: str
+
+
+# Parameter counts below are for a 8192-token vocabulary with untied llama embeddings.
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(32, 2, 4, 64, "about 0.5M params: tests and the CPU demo"),
+    "small": ModelPreset(512, 6, 8, 1376, "about 28M params"),
+    "base": ModelPreset(768, 12, 12, 3072, "about 126M params"),
+}
+
+# Architectures whose configs take llama-style field names.
+_LLAMA_STYLE = ("llama", "qwen2", "mistral")
+# Filled by packages that add their own architectures (e.g. `ode_shared`): name -> fn(preset, common) -> kwargs.
+EXTRA_ARCHITECTURES: dict[str, Any] = {}
+
+
+def supported_architectures() -> list[str]:
+    return [*_LLAMA_STYLE, "gpt2", *EXTRA_ARCHITECTURES]
+
+
+def _architecture_kwargs(architecture: str, preset: ModelPreset, vocab_size: int, max_positions: int) -> dict[str, Any]:
+    if architecture in _LLAMA_STYLE:
+        return dict(
+            vocab_size=vocab_size,
+            hidden_size=preset.hidden_size,
+            num_hidden_layers=preset.num_layers,
+            num_attention_heads=preset.num_heads,
+            num_key_value_heads=preset.num_heads,
+            intermediate_size=preset.intermediate_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        )
+    if architecture == "gpt2":
+        return dict(
+            vocab_size=vocab_size,
+            n_embd=preset.hidden_size,
+            n_layer=preset.num_layers,
+            n_head=preset.num_heads,
+            n_inner=preset.intermediate_size,
+            n_positions=max_positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            # gpt2's defaults point at id 50256, outside our vocabularies; callers pass the tokenizer's ids.
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    return EXTRA_ARCHITECTURES[architecture](preset, vocab_size=vocab_size, max_positions=max_positions)
+
+
+def build_config(
+    preset: str = "tiny",
+    architecture: str = "llama",
+    *,
+    vocab_size: int = 8192,
+    max_position_embeddings: int = 1024,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    **overrides: Any,
+) -> PreTrainedConfig:
+    """Config of the named `preset` size for `architecture`; `overrides` set any config field directly.
+
+    Raises:
+        ValueError: for an unknown preset or architecture, naming the valid ones.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; valid presets are {sorted(PRESETS)}.")
+    if architecture not in supported_architectures():
+        raise ValueError(f"Unknown architecture {architecture!r}; valid architectures are {supported_architectures()}.")
+    kwargs = _architecture_kwargs(architecture, PRESETS[preset], vocab_size, max_position_embeddings)
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    kwargs.update({k: v for k, v in special.items() if v is not None})
+    kwargs.update(overrides)
+    return AutoConfig.for_model(architecture, **kwargs)
+
+
+def build_model(preset: str = "tiny", architecture: str = "llama", *, seed: int | None = None, **config_kwargs: Any) -> PreTrainedModel:
+    """A freshly initialised causal LM of the named size (see `build_config` for the arguments).
+
+    >>> model = build_model("tiny", "qwen2", vocab_size=300)
+    >>> model.config.model_type
+    'qwen2'
+    """
+    config = build_config(preset, architecture, **config_kwargs)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
