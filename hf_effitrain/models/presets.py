@@ -26,7 +26,8 @@ class ModelPreset:
 
 # Parameter counts below are for a 8192-token vocabulary with untied llama embeddings.
 PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset(32, 2, 4, 64, "about 0.5M params: tests and the CPU demo"),
+    "tiny": ModelPreset(32, 2, 4, 64, "about 0.5M params: tests"),
+    "mini": ModelPreset(256, 4, 4, 688, "about 5M params: the CPU demo"),
     "small": ModelPreset(512, 6, 8, 1376, "about 28M params"),
     "base": ModelPreset(768, 12, 12, 3072, "about 126M params"),
 }
@@ -35,6 +36,24 @@ PRESETS: dict[str, ModelPreset] = {
 _LLAMA_STYLE = ("llama", "qwen2", "mistral")
 # Filled by packages that add their own architectures (e.g. `ode_shared`): name -> fn(preset, common) -> kwargs.
 EXTRA_ARCHITECTURES: dict[str, Any] = {}
+
+
+def _ode_shared_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
+    """One shared Llama layer integrated over the preset's depth with one Euler step per layer: the same layer
+    compute as the preset's Llama at default steps, with the parameters of a single layer (issue 5)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_heads,
+        intermediate_size=preset.intermediate_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        num_steps=preset.num_layers,
+    )
+
+
+EXTRA_ARCHITECTURES["ode_shared"] = _ode_shared_kwargs
 
 
 def supported_architectures() -> list[str]:

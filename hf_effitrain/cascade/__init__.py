@@ -1,0 +1,25 @@
+"""Cascade-aware training and evaluation: the CAT loss, deferral curves and their plots.
+
+The model (`CascadeForCausalLM`) and its decoding live in `hf_effitrain.hub` (they ship inside checkpoints); the
+trainer in `hf_effitrain.training.cascade_trainer`.
+"""
+
+from .curves import METRICS, DeferralCurve, deferral_curve, forward_flops_per_token, summarize_curves
+from .loss import CASES, DEFAULT_PRESET, LOSS_PRESETS, CascadeLossWeights, cascade_aware_loss, resolve_loss_weights, token_cases
+from .plotting import plot_deferral_curves
+
+__all__ = [
+    "CASES",
+    "DEFAULT_PRESET",
+    "LOSS_PRESETS",
+    "METRICS",
+    "CascadeLossWeights",
+    "DeferralCurve",
+    "cascade_aware_loss",
+    "deferral_curve",
+    "forward_flops_per_token",
+    "plot_deferral_curves",
+    "resolve_loss_weights",
+    "summarize_curves",
+    "token_cases",
+]

@@ -1,0 +1,167 @@
+"""The jobs behind `effitrain cascade-train` and `effitrain cascade-eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel
+
+from hf_effitrain.hub.configuration_cascade import DEFERRAL_LEVELS, DEFERRAL_RULES
+from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
+
+from .curves import METRICS, deferral_curve, summarize_curves
+from .plotting import plot_deferral_curves
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CascadeDataArguments:
+    """Corpus options shared by `cascade-train` and `cascade-eval` (see `hf_effitrain.data.load_corpus`)."""
+
+    corpus: str = field(default="python", metadata={"help": "'python' (this interpreter's source), a local text/jsonl file or folder, or a datasets name."})
+    scope: str = field(default="stdlib", metadata={"help": "For --corpus python: stdlib, site or all."})
+    text_column: str = field(default="text", metadata={"help": "Text column of jsonl / datasets corpora."})
+    max_files: int | None = field(default=None, metadata={"help": "Use at most this many corpus files (deterministic)."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training / evaluation block."})
+    max_eval_blocks: int | None = field(default=256, metadata={"help": "Validation blocks used for evaluation."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization (datasets.map)."})
+
+
+@dataclass
+class CascadeModelArguments:
+    """The two members: checkpoint folders (any causal LM) and the tokenizer they share."""
+
+    small_model: str | None = field(default=None, metadata={"help": "Checkpoint folder of the small model."})
+    large_model: str | None = field(default=None, metadata={"help": "Checkpoint folder of the large model."})
+    cascade: str | None = field(default=None, metadata={"help": "A saved CascadeForCausalLM whose members are used instead of --small_model/--large_model."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder; default: the small model's folder."})
+    deferral: str = field(default="sequence", metadata={"help": f"Deferral level: one of {DEFERRAL_LEVELS}."})
+    rule: str = field(default="chow_average", metadata={"help": f"Sequence deferral rule: one of {DEFERRAL_RULES}."})
+    threshold: float = field(default=-1.0, metadata={"help": "Defer when the score is below it (<= 0, inf or -inf)."})
+    quantile: float = field(default=0.0, metadata={"help": "Alpha of chow_quantile."})
+
+
+def load_members(args: CascadeModelArguments) -> tuple[PreTrainedModel, PreTrainedModel, Any]:
+    """Small model, large model and tokenizer from the command-line folders."""
+    if args.cascade:
+        cascade = AutoModelForCausalLM.from_pretrained(args.cascade, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.cascade)
+        return cascade.small, cascade.large, tokenizer
+    if not args.small_model or not args.large_model:
+        raise ValueError("Give --small_model and --large_model (checkpoint folders), or --cascade.")
+    small = AutoModelForCausalLM.from_pretrained(args.small_model, trust_remote_code=True)
+    large = AutoModelForCausalLM.from_pretrained(args.large_model, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.small_model)
+    return small, large, tokenizer
+
+
+def packed_splits(data_args: CascadeDataArguments, tokenizer, splits=("train", "validation")):
+    """The corpus splits packed into `block_size` blocks (validation capped at `max_eval_blocks`)."""
+    from hf_effitrain.data import load_corpus, pack_dataset
+
+    corpus = load_corpus(data_args.corpus, scope=data_args.scope, text_column=data_args.text_column, max_files=data_args.max_files)
+    out = {}
+    for split in splits:
+        packed = pack_dataset(corpus[split], tokenizer, data_args.block_size, num_proc=data_args.num_proc, text_column=data_args.text_column)
+        if split != "train" and data_args.max_eval_blocks is not None and len(packed) > data_args.max_eval_blocks:
+            packed = packed.select(range(data_args.max_eval_blocks))
+        out[split] = packed
+    return out
+
+
+def run_cascade_train(model_args: CascadeModelArguments, data_args: CascadeDataArguments, training_args) -> dict[str, Any]:
+    """Fine-tune the small model with the cascade-aware loss; save it and the resulting cascade (safetensors)."""
+    from hf_effitrain.training.cascade_trainer import CascadeAwareTrainer
+    from hf_effitrain.training.pretrain import resolve_resume_checkpoint
+
+    small, large, tokenizer = load_members(model_args)
+    with training_args.main_process_first(desc="corpus and packing"):
+        data = packed_splits(data_args, tokenizer)
+    trainer = CascadeAwareTrainer(
+        model=small,
+        args=training_args,
+        large_model=large,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"] if len(data["validation"]) else None,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args))
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    cascade = CascadeForCausalLM.from_models(
+        trainer.model, large, deferral=model_args.deferral, rule=model_args.rule, threshold=model_args.threshold, quantile=model_args.quantile
+    )
+    cascade_dir = Path(training_args.output_dir) / "cascade"
+    if trainer.is_world_process_zero():
+        cascade.save_pretrained(cascade_dir)
+        tokenizer.save_pretrained(cascade_dir)
+    return {
+        "output_dir": training_args.output_dir,
+        "cascade_dir": str(cascade_dir),
+        "loss_weights": asdict(training_args.cascade_loss_weights),
+        "global_step": trainer.state.global_step,
+        "metrics": metrics,
+    }
+
+
+@dataclass
+class CascadeEvalArguments:
+    """What `cascade-eval` measures and where it writes the JSON and PNG."""
+
+    metric: str = field(default="token_accuracy", metadata={"help": f"Quality measure: one of {METRICS}."})
+    split: str = field(default="validation", metadata={"help": "Corpus split evaluated: validation or test."})
+    num_points: int = field(default=21, metadata={"help": "Thresholds swept between the end points."})
+    batch_size: int = field(default=8, metadata={"help": "Evaluation batch size."})
+    max_examples: int | None = field(default=64, metadata={"help": "exact_match: at most this many prompt/completion pairs."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "exact_match: decoding budget (default: the reference length)."})
+    output_dir: str = field(default="cascade_eval", metadata={"help": "Folder for deferral_curve.json and deferral_curve.png."})
+
+
+def run_cascade_eval(model_args: CascadeModelArguments, data_args: CascadeDataArguments, eval_args: CascadeEvalArguments) -> dict[str, Any]:
+    """Deferral curve of the cascade on the chosen split; writes JSON + PNG and returns the summary."""
+    small, large, tokenizer = load_members(model_args)
+    cascade = CascadeForCausalLM.from_models(
+        small, large, deferral=model_args.deferral, rule=model_args.rule, threshold=model_args.threshold, quantile=model_args.quantile
+    )
+    if eval_args.metric == "exact_match":
+        from hf_effitrain.data import build_code_sft_dataset
+
+        pairs = build_code_sft_dataset(data_args.corpus, scope=data_args.scope, max_files=data_args.max_files)[eval_args.split]
+        if eval_args.max_examples is not None:
+            pairs = pairs.select(range(min(eval_args.max_examples, len(pairs))))
+        data = pairs
+    else:
+        data = packed_splits(data_args, tokenizer, splits=(eval_args.split,))[eval_args.split]
+    curve = deferral_curve(
+        cascade,
+        data,
+        metric=eval_args.metric,
+        tokenizer=tokenizer,
+        num_points=eval_args.num_points,
+        batch_size=eval_args.batch_size,
+        max_new_tokens=eval_args.max_new_tokens,
+    )
+    out = Path(eval_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deferral_curve.json").write_text(json.dumps(curve.to_dict(), indent=2))
+    plot_deferral_curves({"cascade": curve}, out / "deferral_curve.png")
+    return {"output_dir": str(out), **summarize_curves({"cascade": curve})["cascade"]}
+
+
+__all__ = [
+    "CascadeDataArguments",
+    "CascadeEvalArguments",
+    "CascadeModelArguments",
+    "load_members",
+    "packed_splits",
+    "run_cascade_eval",
+    "run_cascade_train",
+]

@@ -1,0 +1,7 @@
+"""`python -m hf_effitrain.cli COMMAND ...` (what `accelerate launch` / `torchrun -m` use)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""`effitrain sft`: supervised fine-tuning with trl, with Make-Some-Noise input corruption by default.
+
+Every `NoisySFTConfig` field (so every `SFTConfig` / `TrainingArguments` field, plus `--noise_length`,
+`--noise_fraction`, `--noise_kind`) is an option; `--noise_length 0` trains plain SFT with the same code path.
+The data is the package's code SFT set (docstring -> body from local Python source) or any prompt-completion /
+conversational set from a jsonl file or a `datasets` name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from ..training.noisy_sft_config import NoisySFTConfig
+from ..training.noisy_sft_trainer import NoisySFTTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SftArguments:
+    """Model and data options of `effitrain sft` (training options are `NoisySFTConfig`).
+
+    Args:
+        model (`str`): checkpoint folder of the pre-trained model (e.g. `effitrain pretrain`'s output or export).
+        tokenizer (`str`, *optional*): tokenizer folder; default: the model folder.
+        dataset (`str`, *optional*, defaults to `"python"`): `python` builds the code SFT set from this
+            interpreter's source (`build_code_sft_dataset`); else a jsonl file or a `datasets` name with
+            prompt/completion (or messages) columns.
+        scope (`str`, *optional*, defaults to `"stdlib"`): for `dataset="python"`: stdlib, site or all.
+        max_files (`int`, *optional*): cap on source files for `dataset="python"`.
+        max_train_samples / max_eval_samples (`int`, *optional*): take the first N rows of each split.
+        export_dir (`str`, *optional*): export the fine-tuned model Hub-ready there, with the Jacobi / TR-Jacobi
+            defaults in its generation config.
+    """
+
+    model: str = field(metadata={"help": "Checkpoint folder of the pre-trained model."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder; default: the model folder."})
+    dataset: str = field(
+        default="python",
+        metadata={"help": "'python' (code SFT set from local Python source), a jsonl file, or a datasets name."},
+    )
+    scope: str = field(default="stdlib", metadata={"help": "For --dataset python: stdlib, site or all."})
+    max_files: int | None = field(default=None, metadata={"help": "For --dataset python: use at most this many files."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Use the first N validation rows."})
+    export_dir: str | None = field(default=None, metadata={"help": "Export the fine-tuned model Hub-ready here."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples", "max_files"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or unset, got {value}.")
+
+
+def load_sft_splits(args: SftArguments):
+    """(train, validation) datasets for the run; validation is None when the source has no such split."""
+    import datasets
+
+    if args.dataset == "python":
+        try:
+            from ..data import build_code_sft_dataset
+        except ImportError as error:  # the data layer is optional for users who bring their own set
+            raise ImportError(f"--dataset python needs hf_effitrain.data.build_code_sft_dataset: {error}") from error
+        splits = build_code_sft_dataset("python", scope=args.scope, max_files=args.max_files)
+    elif args.dataset.endswith((".jsonl", ".json")):
+        if not Path(args.dataset).is_file():
+            raise ValueError(f"--dataset {args.dataset!r} is not a file.")
+        splits = datasets.load_dataset("json", data_files=args.dataset)
+    else:
+        splits = datasets.load_dataset(args.dataset)
+    train = splits["train"]
+    validation = splits.get("validation", splits.get("test"))
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if validation is not None and args.max_eval_samples is not None:
+        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    return train, validation
+
+
+def run_sft(args: SftArguments, config: NoisySFTConfig) -> dict[str, Any]:
+    """Fine-tune (resuming from `--resume_from_checkpoint`), evaluate, save (safetensors) and optionally export."""
+    from ..training.pretrain import resolve_resume_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
+    train, validation = load_sft_splits(args)
+    trainer = NoisySFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(config))
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if validation is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    summary = {"output_dir": config.output_dir, "global_step": trainer.state.global_step, "metrics": metrics}
+    if args.export_dir and trainer.is_world_process_zero():
+        summary["export_dir"] = str(export_sft_model(trainer.model, tokenizer, args, config, metrics))
+    return summary
+
+
+def export_sft_model(model, tokenizer, args: SftArguments, config: NoisySFTConfig, metrics: dict[str, Any]) -> Path:
+    """Export with a card naming the method and the Jacobi / TR-Jacobi defaults written into the generation config."""
+    from ..export import export_pretrained
+    from ..hub.generation_jacobi import add_strategy_defaults
+
+    if hasattr(model, "merge_and_unload"):  # a peft model ships merged weights
+        model = model.merge_and_unload()
+    add_strategy_defaults(model.generation_config)
+    method = f"msn (noise_length={config.noise_length}, {config.noise_kind})" if config.noise_length else "sft"
+    card = {
+        "method": method,
+        "hyperparameters": {
+            "noise_length": config.noise_length,
+            "noise_fraction": config.noise_fraction,
+            "noise_kind": config.noise_kind,
+            "learning_rate": config.learning_rate,
+            "max_steps": config.max_steps,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+        },
+        "data": f"{args.dataset} (scope={args.scope})" if args.dataset == "python" else args.dataset,
+        "results": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+    }
+    return export_pretrained(model, args.export_dir, tokenizer=tokenizer, model_card=card, overwrite=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = HfArgumentParser((SftArguments, NoisySFTConfig), prog="effitrain sft")
+    args, config = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(json.dumps(run_sft(args, config), indent=2, default=str))
+    return 0

@@ -1,0 +1,276 @@
+"""Linear + multi-target cross-entropy: the LM head and the loss in one call, without the (N, V) logits.
+
+`fused_linear_cross_entropy` is the single entry point used by the trainers. It scores one row of logits
+`hidden[n] @ weight.T` against K targets `targets[n, :]` (K=1: the ordinary causal-LM loss; K>1: the patch-level
+loss; per-target weights: the cascade-aware loss). On CUDA it runs the Triton kernel from the
+`effi_linear_cross_entropy` kernel repository (loaded through `kernels`); elsewhere, or when that kernel cannot be
+loaded, it runs the chunked torch reference below and logs once why.
+
+Reduction, exactly (`valid[n, k] = targets[n, k] != ignore_index`, `w` = `target_weights` or ones,
+`ce[n, k] = logsumexp(logits[n]) - logits[n, targets[n, k]]`, computed in float32):
+
+- `"none"`: the (N, K) tensor `w * ce`, 0 where the target is ignored.
+- `"sum"`: `sum_{n,k} valid * w * ce`.
+- `"mean"`: `(1/K) * sum_k [ sum_n valid * w * ce / max(1, count_k) ]` with `count_k = sum_n valid[n, k]`.
+  That is the mean over target columns of each column's mean over its non-ignored rows. Weights scale the loss
+  terms but do NOT enter the denominator; to drop a target from the mean, set it to `ignore_index`. Hence:
+  K=1 is the stock causal-LM cross-entropy (sum over non-ignored tokens / their number); K>1 is the patch-level
+  loss `(1/K) sum_k mean_n CE` exactly as the official code (one `nll_loss(mean)` per offset), also with padding;
+  with weights, a zero weight removes a token's gradient without changing the scale of the others (the
+  cascade-aware loss keeps the stock loss scale). When no target is ignored this equals
+  `sum / (N * K)`. A column with no valid target contributes 0 (where `nll_loss` would give nan).
+
+`target_weights` are constants: no gradient flows into them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .kernel_loading import KernelLoadError, load_kernel_module
+
+__all__ = [
+    "REDUCTIONS",
+    "default_chunk_size",
+    "fused_linear_cross_entropy",
+    "linear_cross_entropy_naive",
+    "linear_cross_entropy_reference",
+    "target_coefficients",
+    "validate_linear_cross_entropy_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+REDUCTIONS = ("mean", "sum", "none")
+KERNEL_NAME = "effi_linear_cross_entropy"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_logged_fallback_reasons: set[str] = set()
+
+
+def validate_linear_cross_entropy_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    target_weights: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    check_target_range: bool = True,
+) -> None:
+    """Raise a ValueError/TypeError naming the bad argument; see `fused_linear_cross_entropy` for the contract."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be (V, H) with H={hidden.shape[1]} matching hidden, got shape {tuple(weight.shape)}"
+        )
+    if targets.dim() != 2 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets must be (N, K) with N={hidden.shape[0]}, got shape {tuple(targets.shape)}")
+    if targets.shape[1] < 1:
+        raise ValueError("targets must have at least one column (K >= 1)")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be an int64 (or int32) tensor, got {targets.dtype}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if target_weights is not None and target_weights.shape != targets.shape:
+        raise ValueError(
+            f"target_weights must have the shape of targets {tuple(targets.shape)}, got {tuple(target_weights.shape)}"
+        )
+    if target_weights is not None and not target_weights.is_floating_point():
+        raise TypeError(f"target_weights must be a floating tensor, got {target_weights.dtype}")
+    for name, tensor in (("weight", weight), ("targets", targets), ("target_weights", target_weights)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    vocab_size = weight.shape[0]
+    if 0 <= ignore_index < vocab_size:
+        raise ValueError(
+            f"ignore_index={ignore_index} is a valid class id in [0, {vocab_size}); use a value outside the "
+            "vocabulary (the usual -100) so no real token is silently dropped"
+        )
+    if check_target_range and targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+        if bool(bad.any()):
+            example = targets[bad][0].item()
+            raise ValueError(
+                f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; found {example}"
+            )
+
+
+def target_coefficients(
+    targets: torch.Tensor, target_weights: torch.Tensor | None, ignore_index: int, reduction: str
+) -> torch.Tensor:
+    """(N, K) float32 factor of each per-target CE in the reduced loss (0 for ignored targets).
+
+    For `"mean"` it folds in the per-column denominator `K * max(1, count_k)` (see the module docstring).
+    """
+    valid = targets != ignore_index
+    weights = torch.ones_like(targets, dtype=torch.float32) if target_weights is None else target_weights.float()
+    coeffs = torch.where(valid, weights.detach(), torch.zeros((), dtype=torch.float32, device=targets.device))
+    if reduction == "mean":
+        count = valid.sum(dim=0).clamp_min(1).to(torch.float32)  # (K,)
+        coeffs = coeffs / (count * targets.shape[1])
+    return coeffs
+
+
+def default_chunk_size(num_rows: int, vocab_size: int, hidden_size: int) -> int:
+    """Rows per chunk so that a chunk's (rows, V) logits take about as much memory as the (N, H) hidden states.
+
+    Liger-Kernel's rule: `inc_factor = ceil(V / H)`, `chunk = next_pow2(ceil(N / inc_factor))`.
+    """
+    inc_factor = max(1, math.ceil(vocab_size / hidden_size))
+    rows = max(1, math.ceil(num_rows / inc_factor))
+    return min(num_rows, 1 << (rows - 1).bit_length()) if num_rows else 1
+
+
+def _chunk_target_ce(hidden: torch.Tensor, weight32: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """(n, K) float32 CE of each target of a chunk of rows (0 where ignored); logits live only inside."""
+    logits = F.linear(hidden.float(), weight32)  # (n, V) float32
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    valid = targets != ignore_index
+    picked = logits.gather(1, torch.where(valid, targets, torch.zeros_like(targets)).long())
+    return torch.where(valid, lse - picked, torch.zeros_like(picked))
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    target_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Chunked torch reference of `fused_linear_cross_entropy` (the CPU path); inputs are assumed validated.
+
+    Rows are processed `chunk_size` at a time (default: `default_chunk_size`) under activation checkpointing, so
+    neither the forward nor the backward ever holds more than one chunk's (rows, V) float32 logits. The per-row
+    math is the naive one, in float32, so it matches `linear_cross_entropy_naive` up to summation order.
+    """
+    num_rows = hidden.shape[0]
+    chunk = chunk_size or default_chunk_size(num_rows, weight.shape[0], weight.shape[1])
+    weight32 = weight.float()
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for start in range(0, num_rows, chunk):
+        args = (hidden[start : start + chunk], weight32, targets[start : start + chunk], ignore_index)
+        if needs_grad:
+            pieces.append(checkpoint(_chunk_target_ce, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_target_ce(*args))
+    ce = torch.cat(pieces) if pieces else hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
+    coeffs = target_coefficients(targets, target_weights, ignore_index, "sum" if reduction == "none" else reduction)
+    if reduction == "none":
+        return ce * coeffs
+    return (ce * coeffs).sum()
+
+
+def linear_cross_entropy_naive(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    target_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The textbook computation (full float32 logits, one `F.cross_entropy` per target column): the test oracle."""
+    logits = hidden.float() @ weight.float().T
+    num_targets = targets.shape[1]
+    weights = torch.ones_like(targets, dtype=torch.float32) if target_weights is None else target_weights.float()
+    columns = []
+    for k in range(num_targets):
+        ce = F.cross_entropy(logits, targets[:, k].long(), ignore_index=ignore_index, reduction="none")
+        columns.append(torch.where(targets[:, k] != ignore_index, ce * weights[:, k].detach(), torch.zeros_like(ce)))
+    losses = torch.stack(columns, dim=1)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    counts = (targets != ignore_index).sum(dim=0).clamp_min(1)
+    return sum(losses[:, k].sum() / counts[k] for k in range(num_targets)) / num_targets
+
+
+def _log_fallback_once(reason: str, level: int = logging.INFO) -> None:
+    if reason not in _logged_fallback_reasons:
+        _logged_fallback_reasons.add(reason)
+        logger.log(level, "fused_linear_cross_entropy: using the chunked torch reference because %s", reason)
+
+
+def _kernel_unavailable_reason(hidden: torch.Tensor, required: bool) -> str | None:
+    """Why the Triton kernel does not run for `hidden` (None: it does). `required`: the caller asked for it."""
+    if not required and os.environ.get("DISABLE_KERNEL_MAPPING", "0") not in ("", "0"):
+        return "DISABLE_KERNEL_MAPPING is set"
+    if hidden.device.type == "cuda" or (required and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return (
+        f"the inputs are on {hidden.device.type}; the Triton kernel runs on CUDA "
+        "(on CPU only with use_kernel=True under TRITON_INTERPRET=1, for tests)"
+    )
+
+
+def _load_kernel_or_log(hidden: torch.Tensor, required: bool):
+    """The kernel module, or None after logging once why not; with `required`, raise instead of falling back."""
+    reason = _kernel_unavailable_reason(hidden, required)
+    if reason is not None:
+        if required:
+            raise ValueError(f"use_kernel=True but the fused kernel cannot run: {reason}")
+        _log_fallback_once(reason)
+        return None
+    try:
+        return load_kernel_module(KERNEL_NAME)
+    except KernelLoadError as error:
+        if required:
+            raise
+        _log_fallback_once(str(error), logging.WARNING)
+        return None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    target_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T` against K targets per row, without materialising the (N, V) logits.
+
+    Args:
+        hidden (`torch.Tensor` of shape `(N, H)`):
+            Final hidden states (already flattened over batch and time), float32 / bfloat16 / float16.
+        weight (`torch.Tensor` of shape `(V, H)`):
+            LM-head weight, same dtype and device as `hidden`.
+        targets (`torch.LongTensor` of shape `(N, K)`):
+            Target ids in `[0, V)` or `ignore_index`. K=1: next-token loss; K>1: patch-level loss.
+        target_weights (`torch.Tensor` of shape `(N, K)`, *optional*):
+            Per-target loss weights (constants, no gradient); see the module docstring for how they enter `"mean"`.
+        ignore_index (`int`, *optional*, defaults to -100):
+            Targets equal to it contribute nothing and are not counted. Must not be a class id in `[0, V)`.
+        reduction (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`, `"sum"` or `"none"` (returns the (N, K) weighted per-target losses), defined exactly in the
+            module docstring.
+        use_kernel (`bool`, *optional*):
+            `None`: the Triton kernel on CUDA (unless `DISABLE_KERNEL_MAPPING=1`), the chunked torch reference
+            elsewhere or when the kernel repo does not load (one log line says why). `True`: require the kernel (an
+            error if it cannot run or load; on CPU it runs only under `TRITON_INTERPRET=1`, which is for tests).
+            `False`: always the torch reference.
+
+    Returns:
+        `torch.Tensor`: a float32 scalar, or (N, K) float32 for `reduction="none"`.
+    """
+    validate_linear_cross_entropy_inputs(hidden, weight, targets, target_weights, ignore_index, reduction)
+    kernel = None if use_kernel is False else _load_kernel_or_log(hidden, required=bool(use_kernel))
+    if kernel is None:
+        return linear_cross_entropy_reference(hidden, weight, targets, target_weights, ignore_index, reduction)
+    return kernel.linear_cross_entropy(
+        hidden, weight, targets, target_weights, ignore_index=ignore_index, reduction=reduction
+    )

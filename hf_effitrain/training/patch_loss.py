@@ -1,0 +1,221 @@
+"""The patch-level loss of Shao et al. (2024) for any causal LM of transformers, without touching its modeling code.
+
+A patch is the plain mean of K consecutive token embeddings (taken from `get_input_embeddings()`), fed to the model
+as `inputs_embeds` with position ids 0..T-1 (patch indices). The final hidden state of patch i goes through the
+model's own LM head once, and that one distribution is scored against every token of patch i+1:
+
+    loss = (1/K) * sum_k CE(logits_i, x_{(i+1)K+k})        (each CE a mean over the valid positions)
+
+The hidden states are taken at the input of the output embeddings with a forward pre-hook, which also hands the head
+an empty slice so the model computes no logits of its own. The hook works for every architecture (the head is always
+called on the final, normed hidden states), through peft wrappers and through DDP (the model is called through its
+wrapper's `forward`, so gradient synchronisation is intact). The (hidden, head weight, targets (N, K)) step is one call,
+`multi_target_cross_entropy`, so it can be swapped for the fused op of `hf_effitrain.ops`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
+
+from .patch_config import validate_patch_options
+
+__all__ = ["check_causal_lm", "multi_target_cross_entropy", "patch_embeddings", "patch_level_loss", "patch_targets"]
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def check_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return `(input_embeddings, lm_head)` of a (possibly peft- or DDP-wrapped) causal LM.
+
+    Raises:
+        ValueError: when the model has no input embeddings, or no output embeddings mapping hidden states to the
+            vocabulary of its input embeddings (e.g. an `AutoModel` without a head, or a classification model).
+    """
+    inner = extract_model_from_parallel(model)
+    name = type(inner).__name__
+    try:
+        embed = inner.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        embed = None
+    if embed is None or getattr(embed, "weight", None) is None:
+        raise ValueError(
+            f"{name} has no input embeddings (get_input_embeddings()); patch-level training averages token embeddings "
+            "and needs a causal LM such as AutoModelForCausalLM."
+        )
+    try:
+        head = inner.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        head = None
+    vocab = embed.weight.shape[0]
+    weight = getattr(head, "weight", None)
+    if head is None or weight is None or weight.dim() != 2 or weight.shape[0] != vocab:
+        got = "none" if head is None else f"{type(head).__name__} with weight {None if weight is None else tuple(weight.shape)}"
+        raise ValueError(
+            f"{name} has no LM head mapping hidden states to its {vocab}-token vocabulary (get_output_embeddings(): "
+            f"{got}); patch-level training needs a causal LM such as AutoModelForCausalLM, not AutoModel."
+        )
+    return embed, head
+
+
+def patch_embeddings(token_embeds: torch.Tensor, patch_size: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Average (B, K*T, H) token embeddings into (B, T, H) patch embeddings.
+
+    With a `token_mask` (B, K*T) the mean runs over the real tokens of each patch only, so a partly padded patch is
+    the mean of its real tokens and an all-padding patch is zero (it is masked from attention and loss anyway).
+    """
+    batch, length, hidden = token_embeds.shape
+    grouped = token_embeds.view(batch, length // patch_size, patch_size, hidden)
+    if token_mask is None or bool(token_mask.all()):
+        return grouped.mean(2)
+    mask = token_mask.view(batch, length // patch_size, patch_size, 1).to(token_embeds.dtype)
+    return (grouped * mask).sum(2) / mask.sum(2).clamp_min(1.0)
+
+
+def patch_targets(
+    labels: torch.Tensor, patch_size: int, patch_mask: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """Targets (B, T-1, K) of patches 0..T-2: the K tokens of the next patch, `ignore_index` where not scored.
+
+    `labels` (B, K*T) are unshifted token ids with `ignore_index` at tokens that must not be predicted (padding);
+    patches that are all padding (`patch_mask` False) predict nothing.
+    """
+    batch, length = labels.shape
+    targets = labels.view(batch, length // patch_size, patch_size)[:, 1:]
+    if patch_mask is not None:
+        targets = targets.masked_fill(~patch_mask[:, :-1, None], ignore_index)
+    return targets
+
+
+def multi_target_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """`(1/K) * sum_k` of the mean CE of one logit row per position against K targets.
+
+    Args:
+        hidden (`torch.Tensor` of shape `(N, H)`): final hidden states.
+        weight (`torch.Tensor` of shape `(V, H)`): the LM head weight (`bias` its optional bias).
+        targets (`torch.LongTensor` of shape `(N, K)`): target ids, `ignore_index` where not scored.
+        softcap (`float`, *optional*): `tanh` logit soft-capping of models like gemma2, applied before the softmax.
+
+    Returns:
+        The scalar loss. Column k's CE is averaged over its non-ignored rows, then the K columns are averaged: the
+        official code's loss, and for K=1 the stock causal-LM cross-entropy. The logits are computed once in float32
+        and one `logsumexp` serves all K targets (no K full-vocabulary log-softmaxes). Same contract as
+        `hf_effitrain.ops.fused_linear_cross_entropy(..., reduction="mean")`, which can replace this call.
+    """
+    return _cross_entropy_from_logits(F.linear(hidden, weight, bias), targets, ignore_index, softcap)
+
+
+def _cross_entropy_from_logits(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, softcap: float | None = None
+) -> torch.Tensor:
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    valid = targets != ignore_index
+    picked = logits.gather(1, targets.masked_fill(~valid, 0))
+    nll = (torch.logsumexp(logits, dim=-1, keepdim=True) - picked) * valid
+    per_column = nll.sum(0) / valid.sum(0).clamp_min(1)
+    return per_column.mean()
+
+
+def _final_hidden_states(
+    model: nn.Module, head: nn.Module, inputs_embeds: torch.Tensor, patch_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Run `model` on patch embeddings and return the hidden states its LM head receives, (B, T, H)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_and_skip(module, args, kwargs):
+        captured["hidden"] = args[0]
+        # the head still runs, on zero positions: the full-vocabulary logits are computed once, by our loss
+        return (args[0][..., :0, :], *args[1:]), kwargs
+
+    batch, num_patches = inputs_embeds.shape[:2]
+    position_ids = torch.arange(num_patches, device=inputs_embeds.device).expand(batch, num_patches)
+    attention_mask = None if patch_mask is None or bool(patch_mask.all()) else patch_mask.long()
+    handle = head.register_forward_pre_hook(grab_and_skip, with_kwargs=True)
+    try:
+        model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    if "hidden" not in captured:
+        raise ValueError(
+            f"{type(extract_model_from_parallel(model)).__name__}.forward never called its output embeddings; "
+            "patch-level training needs a causal LM whose forward applies get_output_embeddings() to the hidden states."
+        )
+    return captured["hidden"]
+
+
+def patch_level_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    patch_size: int,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The patch-level training loss of `model` on `input_ids` of K*T tokens (T patches).
+
+    Args:
+        model (`nn.Module`): any causal LM of transformers, optionally peft-, DDP- or compile-wrapped.
+        input_ids (`torch.LongTensor` of shape `(B, K*T)`): token ids; the length must be a multiple of K, T >= 2.
+        patch_size (`int`): K >= 1. K=1 gives the stock causal-LM loss (up to float rounding).
+        attention_mask (`torch.Tensor` of shape `(B, K*T)`, *optional*): 1 for real tokens, 0 for padding. A patch
+            that is all padding is masked from attention and predicts nothing; padding tokens are never targets.
+        labels (`torch.LongTensor` of shape `(B, K*T)`, *optional*): unshifted targets with -100 at tokens not to
+            predict, as collators produce them; defaults to `input_ids`.
+
+    Returns:
+        The scalar loss `(1/K) sum_k CE(logits_i, x_{(i+1)K+k})` averaged over the scored patches.
+
+    Example:
+
+    >>> loss = patch_level_loss(model, batch["input_ids"], patch_size=4)   # doctest: +SKIP
+    """
+    validate_patch_options(patch_size, 0.0)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, K*T), got shape {tuple(input_ids.shape)}.")
+    length = input_ids.shape[1]
+    if length % patch_size or length // patch_size < 2:
+        raise ValueError(
+            f"Sequence length {length} does not fit patch_size={patch_size}: it must be a multiple of K with at least "
+            f"2 patches (K*T tokens, T >= 2); pack the data into blocks of K*T tokens."
+        )
+    embed, head = check_causal_lm(model)
+    token_mask = None if attention_mask is None else attention_mask.bool()
+    patch_mask = None if token_mask is None else token_mask.view(input_ids.shape[0], -1, patch_size).any(-1)
+    targets = input_ids if labels is None else labels
+    if token_mask is not None:
+        targets = targets.masked_fill(~token_mask, -100)
+    targets = patch_targets(targets, patch_size, patch_mask)
+    hidden = _final_hidden_states(model, head, patch_embeddings(embed(input_ids), patch_size, token_mask), patch_mask)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return _head_cross_entropy(model, head, hidden, targets.reshape(-1, patch_size))
+
+
+def _head_cross_entropy(model: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if type(head) is nn.Linear:
+        return multi_target_cross_entropy(hidden, head.weight, targets, head.bias, softcap=softcap)
+    # e.g. a LoRA-wrapped head: its weight alone is not the map it computes, so call the module itself
+    _log_once(f"LM head {type(head).__name__} is not a plain nn.Linear: computing its logits by calling it.")
+    return _cross_entropy_from_logits(head(hidden), targets, softcap=softcap)

@@ -1,0 +1,269 @@
+"""`PatchTrainer`: patch-level then token-level training of any causal LM in one `Trainer.train()` call.
+
+Only narrow `Trainer` hooks are overridden, never the loop:
+
+- `get_train_dataloader` lays the run out as one `StagedBlockDataset` (patch sequences of K blocks, then blocks),
+  `set_initial_training_values` tells the loop the run's real number of optimizer steps;
+- `compute_loss` uses `patch_level_loss` on patch-stage batches and the stock loss otherwise;
+- `PatchStageCallback.on_step_end` switches stage after the patch steps, resetting optimizer state and LR schedule
+  when `patch_reset_optimizer` (and `create_scheduler` gives each stage its own schedule length);
+- `_save_checkpoint` writes `patch_training_state.json` (schedule, stage, tokens consumed) next to
+  `trainer_state.json`, `_load_optimizer_and_scheduler` checks it on resume;
+- `log` adds stage, tokens and FLOPs to every log; `evaluate` adds the patch-level validation loss in the patch stage;
+- `floating_point_ops` counts positions, not tokens, so `total_flos` is right in both stages.
+
+With `patch_size=1` or `patch_fraction=0` none of the data, loss or optimizer hooks change anything: the run is the
+stock `Trainer` run (plus the logged tokens / FLOPs when the training data are packed blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .patch_config import PatchTrainingArguments
+from .patch_data import GroupedBlockDataset, StagedBlockDataset, block_size_of, collate_blocks
+from .patch_loss import check_causal_lm, patch_level_loss
+from .patch_schedule import PATCH, TOKEN, PatchSchedule, training_flops_per_position
+
+__all__ = ["PATCH_STATE_NAME", "PatchStageCallback", "PatchTrainer"]
+
+logger = logging.getLogger(__name__)
+
+PATCH_STATE_NAME = "patch_training_state.json"
+
+
+class PatchStageCallback(TrainerCallback):
+    """Switches its trainer from the patch to the token stage at the end of the last patch-level step."""
+
+    def __init__(self, trainer: PatchTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        schedule = self.trainer.patch_schedule
+        if schedule is not None and schedule.patch_steps and state.global_step == schedule.patch_steps and schedule.token_steps:
+            self.trainer.enter_token_stage()
+        return control
+
+
+class PatchTrainer(Trainer):
+    """
+    `Trainer` that consumes the first `args.patch_fraction` of the token budget at patch level (K = `args.patch_size`
+    token embeddings averaged per position, the next K tokens predicted by the ordinary LM head), then switches to
+    token level inside the same `train()` call. Works with any `AutoModelForCausalLM`, peft models and DDP.
+
+    `train_dataset` is ONE packed dataset of T-token blocks (`hf_effitrain.pack_dataset`); a patch-stage sequence is K
+    consecutive blocks (K*T tokens, T positions), a token-stage sequence one block. `max_steps` / `num_train_epochs`
+    set the TOKEN budget, i.e. what token-level training would consume; the run then takes fewer optimizer steps
+    (see `hf_effitrain.training.patch_schedule`). `save_steps`, `eval_steps` and `logging_steps` count real
+    optimizer steps. `eval_dataset` holds T-token blocks: `eval_loss` is always the token-level loss, and in the
+    patch stage `eval_patch_loss` (K consecutive validation blocks per sequence) is logged too. Without a
+    `data_collator`, rows are stacked and `labels = input_ids` added.
+
+    Example:
+
+    >>> args = PatchTrainingArguments(output_dir="runs/p", patch_size=4, patch_fraction=2 / 3, max_steps=300)
+    >>> trainer = PatchTrainer(model=model, args=args, train_dataset=blocks, eval_dataset=val_blocks)  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(self, model=None, args: PatchTrainingArguments | None = None, data_collator=None, *pargs, **kwargs):
+        if args is not None and not isinstance(args, PatchTrainingArguments):
+            raise TypeError(f"PatchTrainer needs PatchTrainingArguments, got {type(args).__name__}.")
+        super().__init__(model, args, data_collator if data_collator is not None else collate_blocks, *pargs, **kwargs)
+        if self.patch_enabled:
+            check_causal_lm(self.model)
+        self.patch_schedule: PatchSchedule | None = None
+        self._patch_eval = False
+        self.add_callback(PatchStageCallback(self))
+
+    # ---- schedule -------------------------------------------------------------------------------------------------
+
+    @property
+    def patch_enabled(self) -> bool:
+        return getattr(self.args, "patch_training_enabled", False)
+
+    @property
+    def in_patch_stage(self) -> bool:
+        """Whether the optimizer step being computed is a patch-level one."""
+        s = self.patch_schedule
+        return self.patch_enabled and s is not None and s.stage_of_next_step(self.state.global_step) == PATCH
+
+    @property
+    def loss_is_scaled_for_ga(self) -> bool | None:
+        # the patch loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps
+        return False if self.in_patch_stage and self.model.training else None
+
+    def _plan_schedule(self) -> PatchSchedule | None:
+        """The run's schedule from the arguments and the packed training data (None when the data are not blocks)."""
+        args = self.args
+        try:
+            block_size = block_size_of(self.train_dataset)
+        except (TypeError, ValueError):
+            if self.patch_enabled:
+                raise
+            return None  # stock run on unpacked data: nothing to plan, nothing extra to log
+        global_batch = self.get_total_train_batch_size(args)
+        if args.max_steps > 0:
+            budget_steps = args.max_steps
+        else:
+            budget_steps = int(args.num_train_epochs * len(self.train_dataset) // global_batch)
+        return PatchSchedule.plan(
+            patch_size=args.patch_size if self.patch_enabled else 1,
+            patch_fraction=args.patch_fraction if self.patch_enabled else 0.0,
+            block_size=block_size,
+            global_batch=global_batch,
+            budget_steps=budget_steps,
+            flops_per_position=training_flops_per_position(self.model, block_size),
+        )
+
+    def enter_token_stage(self) -> None:
+        """Called once the last patch-level step is done: restart optimizer state and LR schedule if configured."""
+        s = self.patch_schedule
+        logger.info(
+            "Patch stage done after %d steps (%d tokens): token stage for %d steps.",
+            s.patch_steps, s.tokens_after(s.patch_steps), s.token_steps,
+        )
+        if self.args.patch_reset_optimizer:
+            self.optimizer.state.clear()
+            self.lr_scheduler = None
+            self.create_scheduler(num_training_steps=s.token_steps, optimizer=self.optimizer)
+            self.callback_handler.lr_scheduler = self.lr_scheduler
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        self.patch_schedule = self._plan_schedule()
+        if not self.patch_enabled:
+            return super().get_train_dataloader()
+        s = self.patch_schedule
+        logger.info(
+            "Patch-level training: budget %d tokens (%d token-level steps); %d patch steps of %d x %d tokens "
+            "(lambda %.4f), then %d token steps of %d tokens.",
+            s.budget_tokens, s.budget_steps, s.patch_steps, s.patch_size, s.block_size, s.effective_fraction,
+            s.token_steps, s.block_size,
+        )
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        run = StagedBlockDataset(
+            self.train_dataset, s.patch_size, s.patch_steps * s.global_batch, s.token_steps * s.global_batch, seed=seed
+        )
+        # the run's order is laid out in `run` itself; a sequential sampler keeps stages aligned to whole steps
+        return self._get_dataloader(
+            dataset=run, description="Training", batch_size=self._train_batch_size,
+            sampler_fn=torch.utils.data.SequentialSampler, is_training=True,
+        )
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        if not self.patch_enabled:
+            return values
+        _, _, num_examples, _, total_batch, steps_in_epoch, _ = values
+        steps = self.patch_schedule.total_steps
+        return 1, steps, num_examples, steps * total_batch, total_batch, steps_in_epoch, steps
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        s = self.patch_schedule
+        if self.lr_scheduler is None and self.patch_enabled and s is not None and self.args.patch_reset_optimizer:
+            # one schedule per stage (resuming in the token stage recreates the token stage's)
+            stage = s.stage_of_next_step(self.state.global_step)
+            num_training_steps = s.patch_steps if stage == PATCH else s.token_steps
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # ---- loss and compute -----------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self._patch_eval or (self.in_patch_stage and model.training)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = patch_level_loss(
+            model, inputs["input_ids"], self.args.patch_size, inputs.get("attention_mask"), labels=inputs.get("labels")
+        )
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        if self.patch_schedule is None:
+            return super().floating_point_ops(inputs)
+        ids = inputs["input_ids"]
+        positions = ids.numel() // (self.args.patch_size if ids.shape[-1] > self.patch_schedule.block_size else 1)
+        return int(positions * self.patch_schedule.flops_per_position)
+
+    # ---- logging and evaluation -----------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.patch_schedule is not None:
+            logs.update(self.patch_schedule.progress(self.state.global_step))
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        s = self.patch_schedule
+        if self.patch_enabled and s is not None and s.stage_after(self.state.global_step) == PATCH:
+            metrics.update(self._evaluate_patch_loss(eval_dataset, metric_key_prefix))
+        return metrics
+
+    def _evaluate_patch_loss(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
+        blocks = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(blocks, str):
+            blocks = self.eval_dataset[blocks]
+        grouped = GroupedBlockDataset(blocks, self.args.patch_size)
+        if len(grouped) == 0:
+            logger.warning("Validation set has fewer than patch_size=%d blocks: no patch-level eval loss.", self.args.patch_size)
+            return {}
+        dataloader = self._get_dataloader(grouped, "Patch-level evaluation", self.args.eval_batch_size, sampler_fn=self._get_eval_sampler)
+        self._patch_eval = True
+        try:
+            output = self.evaluation_loop(
+                dataloader, "Patch-level evaluation", prediction_loss_only=True, metric_key_prefix=f"{metric_key_prefix}_patch"
+            )
+        finally:
+            self._patch_eval = False
+        metrics = {k: v for k, v in output.metrics.items() if k.endswith("_loss")}
+        self.log(dict(metrics))
+        return metrics
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        s = self.patch_schedule
+        if s is None or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        step = self.state.global_step
+        record = {
+            "schedule": s.to_dict(),
+            "global_step": step,
+            "stage": s.stage_of_next_step(step),
+            "tokens_consumed": s.tokens_after(step),
+            "train_flops": s.flops_after(step),
+        }
+        with open(os.path.join(folder, PATCH_STATE_NAME), "w") as f:
+            json.dump(record, f, indent=2)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.patch_enabled:
+            self._check_resumed_schedule(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _check_resumed_schedule(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, PATCH_STATE_NAME)
+        s, step = self.patch_schedule, self.state.global_step
+        if not os.path.isfile(path):
+            logger.warning("%s has no %s: resuming in the %s stage from global_step %d.", checkpoint, PATCH_STATE_NAME, s.stage_of_next_step(step), step)
+            return
+        with open(path) as f:
+            record = json.load(f)
+        diffs = s.mismatches(record["schedule"])
+        if diffs:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: its patch-level schedule differs from this run's ({'; '.join(diffs)}). "
+                "Resume with the same patch_size, patch_fraction, batch sizes, block size and budget."
+            )
+        if record["global_step"] != step or record["stage"] != s.stage_of_next_step(step):
+            raise ValueError(f"{path} records step {record['global_step']} ({record['stage']} stage) but trainer_state.json step {step}.")
+        logger.info("Resuming in the %s stage at step %d, %d tokens consumed.", record["stage"], step, record["tokens_consumed"])

@@ -1,0 +1,17 @@
+"""effi-linear-cross-entropy: fused LM head + multi-target cross-entropy (Triton), for hf_effitrain."""
+
+from . import layers
+from .op import (
+    linear_cross_entropy,
+    linear_cross_entropy_backward,
+    linear_cross_entropy_forward,
+    linear_cross_entropy_losses,
+)
+
+__all__ = [
+    "layers",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
+    "linear_cross_entropy_forward",
+    "linear_cross_entropy_losses",
+]

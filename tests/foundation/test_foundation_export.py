@@ -1,0 +1,348 @@
+"""`export_pretrained`: round trips through remote code in a process without hf_effitrain, for stock architectures,
+re-exports and custom (`register_for_auto_class`) models, plus the card and the error paths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaModel, PreTrainedTokenizerFast
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from hf_effitrain import export_pretrained
+from hf_effitrain.export import MODEL_CARD_KEYS, model_card_template_path, require_safetensors
+from hf_effitrain.hub.generation_effi import STRATEGIES
+from testing_utils import ARCHITECTURES, TINY_VOCAB, repo_root, run_without_package, tiny_model
+
+PROMPT = [[1, 5, 7, 9, 11, 3]]
+NEW_TOKENS = 6
+CARD = {
+    "method": "msn",
+    "hyperparameters": {"learning_rate": 3e-4, "noise_length": 5},
+    "data": "Python standard library source, stdlib scope",
+    "results": {"validation_loss": 2.75},
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, TINY_VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+HUB = repo_root() / "hf_effitrain" / "hub"
+
+
+def generation_closure() -> list[Path]:
+    """`hub/generation_effi.py` and every hub file it reaches through `from .x import y`, transitively."""
+    return [HUB / "generation_effi.py", *map(Path, get_relative_import_files(HUB / "generation_effi.py"))]
+
+
+def save_expected(model, path) -> None:
+    """Reference logits and greedy ids of the in-memory model, for the package-free child to compare against."""
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        logits = model(ids).logits
+    greedy = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    save_file({"ids": ids, "logits": logits.contiguous(), "greedy": greedy}, str(path))
+
+
+# Runs with hf_effitrain blocked. `probe` is a strategy registered at run time into the strategy table of the module
+# copy that each entry point really uses, to check that `strategy=` reaches it with the caller's generate arguments.
+CHILD = """
+import json, sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
+
+export_dir, expected_file = EXPORT_DIR, EXPECTED
+expected = load_file(expected_file)
+ids = expected["ids"]
+report = {}
+calls = []
+
+def probe(model, inputs=None, generation_config=None, **kwargs):
+    calls.append(sorted(kwargs))
+    return GenerationMixin.generate(model, inputs, generation_config=generation_config, **kwargs)
+
+def check(model, tag):
+    with torch.no_grad():
+        report[tag + "_logits_equal"] = torch.equal(model(ids).logits, expected["logits"])
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    report[tag + "_greedy_equal"] = torch.equal(out, expected["greedy"])
+
+def strategy_table(module_name):
+    return sys.modules[module_name.rsplit(".", 1)[0] + ".generation_effi"].STRATEGIES
+
+remote = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
+report["remote_class"] = type(remote).__name__
+report["remote_mro"] = [c.__name__ for c in type(remote).__mro__]
+report["draft_len"] = getattr(remote.generation_config, "effi_test_draft_len", None)
+check(remote, "remote")
+strategy_table(type(remote).__module__)["probe"] = probe
+out = remote.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, strategy="probe")
+report["remote_probe_equal"] = torch.equal(out, expected["greedy"])
+report["remote_probe_calls"] = list(calls)
+try:
+    remote.generate(ids, max_new_tokens=2, strategy="no_such_strategy")
+except ValueError as error:
+    report["remote_unknown_error"] = str(error)
+
+if STOCK:
+    calls.clear()
+    stock = AutoModelForCausalLM.from_pretrained(export_dir)
+    report["stock_class"] = type(stock).__name__
+    check(stock, "stock")
+    kwargs = dict(custom_generate=export_dir, trust_remote_code=True, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    report["custom_none_equal"] = torch.equal(stock.generate(ids, **kwargs), expected["greedy"])
+    entry = stock.load_custom_generate(export_dir, trust_remote_code=True)
+    strategy_table(entry.__module__)["probe"] = probe
+    report["custom_probe_equal"] = torch.equal(stock.generate(ids, strategy="probe", **kwargs), expected["greedy"])
+    report["custom_probe_calls"] = list(calls)
+    try:
+        stock.generate(ids, strategy="no_such_strategy", **kwargs)
+    except ValueError as error:
+        report["custom_unknown_error"] = str(error)
+
+if TOKENIZER:
+    from transformers import PreTrainedTokenizerFast
+    try:
+        report["auto_tokenizer_ids"] = AutoTokenizer.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
+    except Exception as error:
+        report["auto_tokenizer_ids"] = repr(error)
+    report["fast_tokenizer_ids"] = PreTrainedTokenizerFast.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
+print("REPORT" + json.dumps(report))
+"""
+
+
+def run_child(export_dir, expected, stock: bool, tokenizer: bool) -> dict:
+    script = CHILD.replace("EXPORT_DIR", repr(str(export_dir))).replace("EXPECTED", repr(str(expected)))
+    script = script.replace("NEW_TOKENS", str(NEW_TOKENS)).replace("STOCK", str(stock)).replace("TOKENIZER", str(tokenizer))
+    proc = run_without_package(script, cwd=export_dir.parent)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
+    return json.loads(line[len("REPORT"):])
+
+
+def assert_strategy_plumbing(report: dict, prefix: str) -> None:
+    assert report[f"{prefix}_probe_equal"]
+    assert report[f"{prefix}_probe_calls"] == [["do_sample", "max_new_tokens", "pad_token_id"]]
+    message = report[f"{prefix}_unknown_error"]
+    assert "no_such_strategy" in message
+    for name in STRATEGIES:
+        assert repr(name) in message
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_stock_architecture_round_trip_without_the_package(architecture, tmp_path):
+    model = tiny_model(architecture)
+    model.generation_config.effi_test_draft_len = 4  # a strategy parameter must survive the export
+    stock_name = type(model).__name__
+    export_dir = export_pretrained(model, tmp_path / "export", tokenizer=tiny_tokenizer(), model_card=CARD)
+    save_expected(model, tmp_path / "expected.safetensors")
+
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["model_type"] == architecture
+    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_effi.Effi{stock_name}"}
+    assert not list(export_dir.glob("*.bin"))
+
+    report = run_child(export_dir, tmp_path / "expected.safetensors", stock=True, tokenizer=True)
+    assert report["remote_class"] == f"Effi{stock_name}"
+    assert report["remote_mro"][1:3] == ["EffiGenerationMixin", stock_name]
+    assert report["stock_class"] == stock_name
+    assert report["draft_len"] == 4
+    for key in ("remote_logits_equal", "remote_greedy_equal", "stock_logits_equal", "stock_greedy_equal", "custom_none_equal"):
+        assert report[key], key
+    assert_strategy_plumbing(report, "remote")
+    assert_strategy_plumbing(report, "custom")
+    assert report["fast_tokenizer_ids"] == [5, 7, 9]
+    # transformers 5 picks qwen2's own tokenizer class whatever tokenizer_config.json says: the card must say so
+    card_text = (export_dir / "README.md").read_text()
+    card_uses_auto = "tokenizer = AutoTokenizer.from_pretrained(" in card_text
+    if architecture in ("llama", "mistral", "qwen2"):  # gpt2's substitute class depends on the vocabulary
+        assert card_uses_auto == (architecture != "qwen2")
+    if card_uses_auto:
+        assert report["auto_tokenizer_ids"] == [5, 7, 9]
+    else:
+        assert "tokenizer = PreTrainedTokenizerFast.from_pretrained(" in card_text
+
+
+def test_reexport_of_a_reloaded_export_is_not_wrapped_twice(tmp_path):
+    model = tiny_model("qwen2")
+    first = export_pretrained(model, tmp_path / "first")
+    reloaded = AutoModelForCausalLM.from_pretrained(first, trust_remote_code=True)
+    assert type(reloaded).__name__ == "EffiQwen2ForCausalLM"
+    second = export_pretrained(reloaded, tmp_path / "second")
+    assert (second / "modeling_effi.py").read_text() == (first / "modeling_effi.py").read_text()
+    assert json.loads((second / "config.json").read_text())["auto_map"] == {"AutoModelForCausalLM": "modeling_effi.EffiQwen2ForCausalLM"}
+    again = AutoModelForCausalLM.from_pretrained(second, trust_remote_code=True)
+    assert [c.__name__ for c in type(again).__mro__].count("EffiGenerationMixin") == 1
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+TOY_CONFIG = '''
+from transformers import PreTrainedConfig
+
+
+class ToyConfig(PreTrainedConfig):
+    model_type = "effi_export_toy"
+
+    def __init__(self, vocab_size=128, hidden_size=16, num_hidden_layers=1, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        super().__init__(**kwargs)
+'''
+
+TOY_MODEL = '''
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_toy import ToyConfig
+from .generation_effi import EffiGenerationMixin
+
+
+class ToyForCausalLM(EffiGenerationMixin, PreTrainedModel, GenerationMixin):
+    """Bag-of-previous-token LM: enough to have weights, logits and a generate()."""
+
+    config_class = ToyConfig
+    base_model_prefix = "toy"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return CausalLMOutputWithPast(logits=self.lm_head(self.embed(input_ids)))
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": input_ids}
+'''
+
+
+@pytest.fixture
+def toy_model(tmp_path, monkeypatch):
+    """A custom model whose code lives in a hub-like package folder and is registered for remote code."""
+    package = tmp_path / "toy_hub"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "configuration_toy.py").write_text(TOY_CONFIG)
+    (package / "modeling_toy.py").write_text(TOY_MODEL)
+    for source in generation_closure():
+        shutil.copyfile(source, package / source.name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from toy_hub.configuration_toy import ToyConfig
+    from toy_hub.modeling_toy import ToyForCausalLM
+
+    ToyConfig.register_for_auto_class()
+    ToyForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    torch.manual_seed(0)
+    return ToyForCausalLM(ToyConfig()).eval()
+
+
+def test_custom_registered_model_round_trip_without_the_package(toy_model, tmp_path):
+    export_dir = export_pretrained(toy_model, tmp_path / "export")
+    save_expected(toy_model, tmp_path / "expected.safetensors")
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"}
+    # save_pretrained's custom_object_save follows `from .x import y` transitively: modeling -> generation_effi -> jacobi
+    shipped = {p.name for p in export_dir.glob("*.py")}
+    assert {"modeling_toy.py", "configuration_toy.py", "generation_jacobi.py"} | {p.name for p in generation_closure()} <= shipped
+    assert not (export_dir / "modeling_effi.py").exists()
+    report = run_child(export_dir, tmp_path / "expected.safetensors", stock=False, tokenizer=False)
+    assert report["remote_class"] == "ToyForCausalLM"
+    assert report["remote_logits_equal"] and report["remote_greedy_equal"]
+    assert_strategy_plumbing(report, "remote")
+
+
+def test_package_ode_shared_model_exports_its_own_code(tmp_path):
+    model = tiny_model("ode_shared")
+    export_dir = export_pretrained(model, tmp_path / "export")
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ode_shared.OdeSharedForCausalLM"
+    assert {"modeling_ode_shared.py", "configuration_ode_shared.py", "generation_effi.py"} <= {p.name for p in export_dir.glob("*.py")}
+    assert (export_dir / "custom_generate" / "generate.py").exists()
+
+
+def test_custom_generate_folder_ships_the_entry_and_its_siblings(tmp_path):
+    export_dir = export_pretrained(tiny_model("llama"), tmp_path / "export")
+    folder = export_dir / "custom_generate"
+    assert (folder / "generate.py").read_text() == (HUB / "custom_generate_entry.py").read_text()
+    for source in generation_closure():
+        assert (folder / source.name).read_text() == source.read_text()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["generate.py", *(p.name for p in generation_closure())])
+
+
+def test_model_card_is_filled_from_the_template(tmp_path):
+    export_dir = export_pretrained(tiny_model("mistral"), tmp_path / "export", model_card=CARD)
+    card = ModelCard.load(export_dir / "README.md")
+    assert card.data.library_name == "transformers"
+    assert {"hf_effitrain", "msn", "mistral"} <= set(card.data.tags)
+    text = card.text
+    assert "trust_remote_code=True" in text and 'strategy="tr_jacobi"' in text
+    assert "custom_generate=" in text and "MistralForCausalLM" in text
+    assert "| `noise_length` | 5 |" in text and "| validation_loss | 2.75 |" in text
+    assert CARD["data"] in text
+
+
+def test_model_card_without_details_says_so(tmp_path):
+    card = ModelCard.load(export_pretrained(tiny_model("gpt2"), tmp_path / "export") / "README.md")
+    assert "No training details were recorded" in card.text and "No measured results were recorded" in card.text
+
+
+def test_packaged_card_template_is_the_canonical_one():
+    """The wheel ships `hf_effitrain/model_cards/`; the canonical, user-facing copy is the top-level `model_cards/`."""
+    canonical = repo_root() / "model_cards" / model_card_template_path().name
+    assert model_card_template_path().read_text() == canonical.read_text()
+
+
+def test_non_empty_directory_needs_overwrite(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"exists and is not empty; pass `overwrite=True`"):
+        export_pretrained(tiny_model("llama"), target)
+    export_pretrained(tiny_model("llama"), target, overwrite=True)
+    assert (target / "model.safetensors").exists() and (target / "notes.txt").exists()
+
+
+def test_bad_models_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="expects a transformers `PreTrainedModel`, got Linear"):
+        export_pretrained(torch.nn.Linear(2, 2), tmp_path / "a")
+    backbone = LlamaModel(tiny_model("llama").config)
+    with pytest.raises(ValueError, match="LlamaModel has no language-modeling head"):
+        export_pretrained(backbone, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_bad_model_card_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown `model_card` keys \['author'\]; allowed keys are") as info:
+        export_pretrained(tiny_model("llama"), tmp_path / "a", model_card={"method": "msn", "author": "me"})
+    for key in MODEL_CARD_KEYS:
+        assert key in str(info.value)
+    with pytest.raises(TypeError, match=r"`model_card\['results'\]` must be a dict, got float"):
+        export_pretrained(tiny_model("llama"), tmp_path / "b", model_card={"results": 2.5})
+
+
+def test_require_safetensors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist or is not a directory"):
+        require_safetensors(tmp_path / "missing")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"has no `\*\.safetensors` weights\. It holds pickled weights \(pytorch_model\.bin\)"):
+        require_safetensors(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert require_safetensors(tmp_path) == tmp_path

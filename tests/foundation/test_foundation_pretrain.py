@@ -1,0 +1,121 @@
+"""Pre-training job: argument checks, presets, a tiny real run on the stdlib corpus, resume after interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from hf_effitrain.models.presets import PRESETS, build_config, build_model
+from hf_effitrain.training.pretrain import (
+    PretrainArguments,
+    build_pretrain_model,
+    parse_config_overrides,
+    run_pretrain,
+    training_arguments_class,
+)
+from testing_utils import ARCHITECTURES
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_presets_build_every_architecture(architecture):
+    model = build_model("tiny", architecture, vocab_size=300, max_position_embeddings=64)
+    assert model.config.model_type == architecture
+    assert model.config.vocab_size == 300
+    assert 10_000 < sum(p.numel() for p in model.parameters()) < 100_000
+
+
+def test_preset_sizes_match_their_names():
+    llama = lambda preset: sum(p.numel() for p in build_model(preset, "llama", vocab_size=8192).parameters())  # noqa: E731
+    assert 0.4e6 < llama("tiny") < 0.7e6
+    assert 25e6 < llama("small") < 35e6
+    assert sorted(PRESETS) == ["base", "mini", "small", "tiny"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"preset": "huge"}, "Unknown preset 'huge'"), ({"architecture": "t5"}, "Unknown architecture 't5'")],
+)
+def test_unknown_preset_or_architecture_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(**{"preset": "tiny", "architecture": "llama", **kwargs})
+    with pytest.raises(ValueError, match=message):
+        PretrainArguments(**kwargs)
+
+
+def test_config_overrides_are_typed():
+    assert parse_config_overrides("a=1, b=0.5,c=true,d=none,e=heun") == {"a": 1, "b": 0.5, "c": True, "d": None, "e": "heun"}
+    assert parse_config_overrides(None) == {}
+    with pytest.raises(ValueError, match="Bad config override 'oops'"):
+        parse_config_overrides("oops")
+
+
+def test_block_size_larger_than_positions_is_refused(tmp_path):
+    class FakeTokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+        def __len__(self):
+            return 100
+
+    args = PretrainArguments(preset="tiny", block_size=2048, config_overrides="max_position_embeddings=512")
+    with pytest.raises(ValueError, match="block_size 2048 is larger than the model's max_position_embeddings 512"):
+        build_pretrain_model(args, FakeTokenizer())
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a run killed after `step` optimizer steps (the exception escapes `train()` like a crash)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated kill at step {self.step}")
+
+
+def _tiny_run(output_dir, resume=None) -> tuple[PretrainArguments, TrainingArguments]:
+    args = PretrainArguments(preset="tiny", scope="stdlib", max_files=40, vocab_size=320, block_size=32, max_eval_blocks=8)
+    training_args = training_arguments_class()(
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_steps=2,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        resume_from_checkpoint=resume,
+    )
+    return args, training_args
+
+
+def test_tiny_pretrain_run_trains_evaluates_and_saves_safetensors(tmp_path):
+    summary = run_pretrain(*_tiny_run(tmp_path / "run"))
+    assert summary["global_step"] == 6
+    assert summary["tokens_seen"] == 6 * 4 * 32
+    assert summary["metrics"]["eval_loss"] > 0
+    assert summary["metrics"]["eval_perplexity"] == pytest.approx(torch.tensor(summary["metrics"]["eval_loss"]).exp().item(), rel=1e-6)
+    assert summary["corpus"]["splits"]["train"]["characters"] > 0
+    assert summary["corpus"]["packed_tokens"]["train"] >= 6 * 4 * 32
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert not list((tmp_path / "run").glob("pytorch_model*.bin"))
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    reference = run_pretrain(*_tiny_run(tmp_path / "full"))
+    interrupted_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(*_tiny_run(interrupted_dir), callbacks=(StopAfter(3),))
+    assert (interrupted_dir / "checkpoint-2").is_dir() and not (interrupted_dir / "checkpoint-6").exists()
+    resumed = run_pretrain(*_tiny_run(interrupted_dir, resume="latest"))
+    assert resumed["global_step"] == reference["global_step"] == 6
+    state = json.loads((interrupted_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    again = load_file(interrupted_dir / "model.safetensors")
+    for name, tensor in full.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,213 @@
+"""MSN fine-tuning: one noise segment of L tokens inside each completion, clean labels, eval untouched, LoRA trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from testing_utils import TINY_VOCAB, tiny_model
+from transformers import PreTrainedTokenizerFast
+
+from hf_effitrain import NoisySFTConfig, NoisySFTTrainer
+from hf_effitrain.training.noisy_sft_trainer import add_noise
+
+L = 3
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, TINY_VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def _text(rng, n):
+    return " ".join(f"t{int(t)}" for t in torch.randint(3, TINY_VOCAB, (n,), generator=rng))
+
+
+def _prompt_completion(n=24, conversational=False):
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        prompt, completion = _text(rng, int(torch.randint(2, 8, (), generator=rng))), _text(rng, int(torch.randint(L, 12, (), generator=rng)))
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]})
+        else:
+            rows.append({"prompt": prompt, "completion": completion})
+    return Dataset.from_list(rows)
+
+
+def _runs(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each run of True."""
+    runs, start = [], None
+    for i, bit in enumerate(mask_row.tolist() + [False]):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def test_msn_add_noise_one_segment_per_row_inside_completion():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (6, 20))
+    labels = ids.clone()
+    prompt_lengths = [2, 5, 9, 0, 12, 15]
+    for row, p in enumerate(prompt_lengths):
+        labels[row, :p] = -100
+    labels[5, 18:] = -100  # right padding: completion of 3 tokens = L
+    labels[4, 14:] = -100  # completion of 2 tokens < L: stays clean
+    noisy, mask, seen = add_noise(ids, labels, L, generator=torch.Generator().manual_seed(1))
+    assert seen == 6
+    for row in range(6):
+        runs = _runs(mask[row])
+        if row == 4:
+            assert runs == [] and torch.equal(noisy[row], ids[row])
+            continue
+        assert len(runs) == 1 and runs[0][1] == L
+        assert (labels[row][mask[row]] != -100).all()
+        assert torch.equal(noisy[row][~mask[row]], ids[row][~mask[row]])
+        # "ahead" noise copies tokens of the same row from before each position
+        start = runs[0][0]
+        for pos in range(start, start + L):
+            assert noisy[row, pos] in noisy[row, :pos].tolist() + [ids[row, 0].item()]
+
+
+def test_msn_add_noise_packed_rows_uniform_and_fraction():
+    ids = torch.arange(3, 33)[None]
+    position_ids = torch.tensor([[*range(10), *range(12), *range(8)]])
+    labels = ids.clone()
+    labels[0, [0, 1, 10, 11, 12, 22]] = -100  # prompts / sequence starts
+    noisy, mask, seen = add_noise(ids, labels, L, noise_kind="uniform", vocab_size=7, position_ids=position_ids, generator=torch.Generator().manual_seed(0))
+    assert seen == 3
+    runs = _runs(mask[0])
+    assert [length for _, length in runs] == [L, L, L]
+    for (start, _), (lo, hi) in zip(runs, [(0, 10), (10, 22), (22, 30)]):
+        assert lo <= start and start + L <= hi  # never crosses a sequence boundary
+    assert (noisy[0][mask[0]] < 7).all() and (labels[0][mask[0]] != -100).all()
+    _, none, _ = add_noise(ids, labels, L, noise_fraction=0.0, position_ids=position_ids)
+    assert not none.any()
+    with pytest.raises(ValueError, match="vocab_size"):
+        add_noise(ids, labels, L, noise_kind="uniform")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("noise_length", -1), ("noise_length", 2.5), ("noise_fraction", 1.5), ("noise_kind", "gaussian")]
+)
+def test_msn_config_validation(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        NoisySFTConfig(output_dir=str(tmp_path), **{field: value})
+
+
+class _ForwardRecorder:
+    """Records (training?, input_ids, labels) of every forward that reaches the model."""
+
+    def __init__(self, model):
+        self.calls = []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls.append((module.training, kwargs["input_ids"].clone(), kwargs.get("labels"), kwargs.get("position_ids")))
+
+
+def _config(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, report_to="none", bf16=False, gradient_checkpointing=False, save_strategy="no", use_cpu=True,
+        noise_length=L, max_length=64, dataloader_num_workers=0,
+    )
+    return NoisySFTConfig(**{**defaults, **overrides})
+
+
+def _check_batches(recorder, position_ids_expected: bool):
+    train = [c for c in recorder.calls if c[0]]
+    evals = [c for c in recorder.calls if not c[0]]
+    assert train and evals
+    for _, ids, labels, position_ids in train:
+        assert (position_ids is not None) == position_ids_expected
+        clean = torch.where(labels != -100, labels, ids)  # labels are clean copies of the completion ids
+        changed = ids != clean
+        assert changed.any()
+        for row in range(ids.shape[0]):
+            positions = changed[row].nonzero().flatten().tolist()
+            if position_ids is None and positions:
+                assert positions[-1] - positions[0] < L  # inside one window of L
+            assert (labels[row, positions] != -100).all()
+    for _, ids, labels, _ in evals:
+        assert torch.equal(torch.where(labels != -100, labels, ids), ids)  # eval batches are never corrupted
+
+
+@pytest.mark.parametrize("variant", ["prompt_completion", "conversational_packed"])
+def test_msn_trainer_corrupts_training_batches_only(tmp_path, variant):
+    conversational = variant == "conversational_packed"
+    data = _prompt_completion(conversational=conversational)
+    model = tiny_model("llama")
+    recorder = _ForwardRecorder(model)
+    trainer = NoisySFTTrainer(
+        model=model, args=_config(tmp_path, packing=conversational, eval_strategy="steps", eval_steps=2),
+        train_dataset=data, eval_dataset=data.select(range(8)), processing_class=_tokenizer(),
+    )
+    trainer.train()
+    _check_batches(recorder, position_ids_expected=conversational)
+    logged = [entry for entry in trainer.state.log_history if "noised_samples" in entry]
+    assert logged and all(entry["noised_samples"] > 0.5 for entry in logged)
+
+
+def test_msn_lora_trains(tmp_path):
+    from peft import LoraConfig
+
+    model = tiny_model("qwen2")
+    trainer = NoisySFTTrainer(
+        model=model, args=_config(tmp_path, max_steps=5), train_dataset=_prompt_completion(), processing_class=_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before and all("lora" in n for n in before)
+    recorder = _ForwardRecorder(trainer.model.get_base_model())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert any((c[1] != torch.where(c[2] != -100, c[2], c[1])).any() for c in recorder.calls if c[0])
+
+
+def test_msn_plain_sft_when_noise_length_zero(tmp_path):
+    model = tiny_model("gpt2")
+    recorder = _ForwardRecorder(model)
+    trainer = NoisySFTTrainer(model=model, args=_config(tmp_path, noise_length=0, max_steps=2), train_dataset=_prompt_completion(), processing_class=_tokenizer())
+    trainer.train()
+    for training, ids, labels, _ in recorder.calls:
+        assert torch.equal(torch.where(labels != -100, labels, ids), ids)
+
+
+def test_msn_sft_cli_trains_and_exports(tmp_path, capsys):
+    import json
+
+    from hf_effitrain.cli import main as cli_main
+    from transformers import GenerationConfig
+
+    model_dir, data_file = tmp_path / "base", tmp_path / "sft.jsonl"
+    tiny_model("llama").save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    data_file.write_text("\n".join(json.dumps(row) for row in _prompt_completion(16)))
+    argv = [
+        "sft", "--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(tmp_path / "run"),
+        "--export_dir", str(tmp_path / "export"), "--noise-length", "3", "--noise_kind", "uniform", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--bf16", "false", "--gradient_checkpointing", "false", "--use_cpu", "true",
+        "--report_to", "none", "--save_strategy", "no", "--max_length", "64",
+    ]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n") :])
+    assert summary["global_step"] == 2 and "eval_loss" not in summary["metrics"]  # a jsonl file has no validation split
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    generation = GenerationConfig.from_pretrained(tmp_path / "export")
+    assert generation.tree_depth == 5 and generation.jacobi_draft_len == 5
+    assert "noise_length" in (tmp_path / "export" / "README.md").read_text()
+    with pytest.raises(ValueError, match="noise_length"):
+        cli_main(argv[:-2] + ["--noise_length", "-2"])
