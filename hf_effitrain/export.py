@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import logging
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -125,7 +126,7 @@ def _check_model(model: Any) -> type | None:
             "LM such as `LlamaForCausalLM`, not a bare backbone."
         )
     base = _stock_base_class(type(model))
-    if base is None and getattr(model, "_auto_class", None) is None:
+    if base is None and getattr(model, "_auto_class", None) != "AutoModelForCausalLM":
         if type(model).__module__.startswith("transformers."):
             raise ValueError(
                 f"{type(model).__name__} is not a causal LM of transformers (not in MODEL_FOR_CAUSAL_LM_MAPPING); "
@@ -133,8 +134,9 @@ def _check_model(model: Any) -> type | None:
             )
         raise ValueError(
             f"{type(model).__module__}.{type(model).__name__} is neither a transformers causal LM nor registered for "
-            "remote code: call `register_for_auto_class('AutoModelForCausalLM')` on it (and on its config class) so "
-            "that `save_pretrained` ships its code."
+            f"remote code as a causal LM (its `_auto_class` is {getattr(model, '_auto_class', None)!r}): call "
+            "`register_for_auto_class('AutoModelForCausalLM')` on it (and on its config class) so that "
+            "`save_pretrained` ships its code."
         )
     return base
 
@@ -207,20 +209,11 @@ def _write_effi_modeling(save_dir: Path, base: type) -> str:
     return class_ref
 
 
-def _check_remote_code(save_dir: Path) -> str:
-    """For a custom class saved by `save_pretrained`: check `auto_map` and that every sibling import was copied."""
+def _remote_class_ref(save_dir: Path) -> str:
+    """The `auto_map` entry `save_pretrained` wrote for a registered custom class (its `custom_object_save` copied
+    the modeling file and its `from .x import y` siblings, transitively, next to the weights)."""
     config = json.loads((save_dir / "config.json").read_text(encoding="utf-8"))
-    class_ref = config.get("auto_map", {}).get("AutoModelForCausalLM")
-    if class_ref is None:
-        raise ValueError(
-            f"save_pretrained wrote no `auto_map.AutoModelForCausalLM` to {save_dir / 'config.json'}; register the model "
-            "class with `register_for_auto_class('AutoModelForCausalLM')`."
-        )
-    modeling_file = save_dir / f"{class_ref.split('.')[0]}.py"
-    missing = [Path(f).name for f in get_relative_import_files(modeling_file) if not Path(f).exists()]
-    if missing:
-        raise ValueError(f"The remote code in {save_dir} imports sibling files that were not copied: {missing}.")
-    return class_ref
+    return config["auto_map"]["AutoModelForCausalLM"]
 
 
 def _write_generation_config(save_dir: Path, model: PreTrainedModel) -> None:
@@ -230,6 +223,8 @@ def _write_generation_config(save_dir: Path, model: PreTrainedModel) -> None:
     custom entry (strategy name and parameters) of a file that says so: without this rewrite a checkpoint's
     `strategy` / draft-length entries would silently vanish on reload.
     """
+    if model.generation_config is None:
+        return
     generation_config = copy.deepcopy(model.generation_config)
     generation_config._from_model_config = False
     generation_config.save_pretrained(save_dir)
@@ -278,8 +273,8 @@ def _write_model_card(
 ) -> None:
     method = card.get("method")
     tags = ["hf_effitrain", "custom_code", model.config.model_type]
-    if method:
-        tags.append(method)
+    if method and _method_tag(method):
+        tags.append(_method_tag(method))
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags)
     strategies = _strategy_names()
     # the card's example call: the checkpoint's own default strategy, else the general-purpose exact one
@@ -301,6 +296,11 @@ def _write_model_card(
         tokenizer_loader=tokenizer_loader or "AutoTokenizer",
     )
     model_card.save(save_dir / "README.md")
+
+
+def _method_tag(method: str) -> str:
+    """A Hub tag for a free-text method: its name before any parenthesis, slugged ("msn (noise_length=5)" -> "msn")."""
+    return re.sub(r"[^a-z0-9]+", "-", method.split("(")[0].strip().lower()).strip("-")
 
 
 def _strategy_names() -> list[str]:
@@ -347,7 +347,7 @@ def export_pretrained(
         class_ref = _write_effi_modeling(path, base)
     else:
         model.save_pretrained(path)
-        class_ref = _check_remote_code(path)
+        class_ref = _remote_class_ref(path)
     require_safetensors(path)
     _write_generation_config(path, model)
     _write_custom_generate(path)

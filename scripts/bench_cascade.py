@@ -9,9 +9,9 @@ One run, side by side:
    curves, and the FLOPs saved at the large model's quality minus 1%;
 4. write JSON (device, date, command, versions, every number) and a PNG.
 
-CPU smoke size (about 5-8 minutes on 2 shared cores):
-    OMP_NUM_THREADS=2 python scripts/bench_cascade.py --size cpu_small
-GPU size (small about 8M, large about 90M parameters, `all` corpus scope):
+CPU smoke size (about 5 minutes on one shared core; more threads oversubscribe a busy machine):
+    OMP_NUM_THREADS=1 python scripts/bench_cascade.py --size cpu_small
+GPU size (small about 8.9M, large about 97M parameters, `all` corpus scope):
     python scripts/bench_cascade.py --size gpu
 """
 
@@ -34,7 +34,7 @@ import transformers
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_effitrain.cascade import LOSS_PRESETS, deferral_curve, plot_deferral_curves, summarize_curves
-from hf_effitrain.data import load_corpus, pack_dataset, train_tokenizer
+from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
 from hf_effitrain.models.presets import build_model
 from hf_effitrain.training.cascade_config import CascadeAwareTrainingArguments
@@ -45,16 +45,16 @@ logger = logging.getLogger("bench_cascade")
 # name -> settings; model sizes are (hidden, layers, heads, intermediate)
 SIZES = {
     "cpu_small": dict(
-        scope="stdlib", max_files=400, vocab_size=2048, block_size=128, batch_size=16,
-        small=(64, 2, 4, 176), large=(256, 4, 4, 688),
-        small_pretrain_steps=300, large_pretrain_steps=300, finetune_steps=120, learning_rate=3e-3,
-        eval_blocks=85, num_points=21,
+        scope="stdlib", max_files=400, vocab_size=1024, block_size=64, batch_size=16,
+        small=(32, 2, 4, 88), large=(128, 2, 4, 344),
+        small_pretrain_steps=700, large_pretrain_steps=700, finetune_steps=150, small_lr=5e-3, large_lr=3e-3,
+        eval_blocks=128, num_points=21, exact_match_examples=0,
     ),
     "gpu": dict(
         scope="all", max_files=None, vocab_size=8192, block_size=512, batch_size=32,
         small=(256, 6, 4, 688), large=(768, 12, 12, 2048),
-        small_pretrain_steps=4000, large_pretrain_steps=4000, finetune_steps=2000, learning_rate=1e-3,
-        eval_blocks=512, num_points=41,
+        small_pretrain_steps=4000, large_pretrain_steps=4000, finetune_steps=2000, small_lr=2e-3, large_lr=6e-4,
+        eval_blocks=512, num_points=41, exact_match_examples=256,
     ),
 }
 
@@ -69,9 +69,9 @@ def _model(dims, tokenizer, architecture: str, seed: int):
     )
 
 
-def _common_args(out: str, steps: int, cfg: dict, seed: int) -> dict:
+def _common_args(out: str, steps: int, cfg: dict, learning_rate: float, seed: int) -> dict:
     return dict(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
+        output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"], learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.1, logging_steps=max(1, steps // 10),
         save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
@@ -79,8 +79,8 @@ def _common_args(out: str, steps: int, cfg: dict, seed: int) -> dict:
     )
 
 
-def pretrain(model, train, collator, steps, cfg, seed, workdir) -> tuple[float, float]:
-    args = TrainingArguments(**_common_args(workdir, steps, cfg, seed))
+def pretrain(model, train, collator, steps, cfg, learning_rate, seed, workdir) -> tuple[float, float]:
+    args = TrainingArguments(**_common_args(workdir, steps, cfg, learning_rate, seed))
     start = time.perf_counter()
     result = Trainer(model=model, args=args, train_dataset=train, data_collator=collator).train()
     return float(result.training_loss), time.perf_counter() - start
@@ -90,7 +90,7 @@ def finetune(small_state, cfg, preset, large, train, collator, tokenizer, archit
     small = _model(cfg["small"], tokenizer, architecture, seed)
     small.load_state_dict(small_state)
     args = CascadeAwareTrainingArguments(
-        **_common_args(workdir, cfg["finetune_steps"], {**cfg, "learning_rate": cfg["learning_rate"] / 3}, seed + 1),
+        **_common_args(workdir, cfg["finetune_steps"], cfg, cfg["small_lr"] / 3, seed + 1),
         cascade_preset=preset,
         precompute_large_predictions=not LOSS_PRESETS[preset].needs_large_logits and LOSS_PRESETS[preset].needs_large_predictions,
     )
@@ -103,6 +103,16 @@ def finetune(small_state, cfg, preset, large, train, collator, tokenizer, archit
     return trainer.model.eval(), float(result.training_loss), time.perf_counter() - start
 
 
+def completion_pairs(cfg: dict, tokenizer):
+    """Held-out docstring -> body pairs with short completions (greedy exact match needs every token right)."""
+    if not cfg["exact_match_examples"]:
+        return None
+    # the validation files, like the token-accuracy blocks: held out from every model's training
+    pairs = build_code_sft_dataset("python", scope=cfg["scope"], max_files=cfg["max_files"])["validation"]
+    short = pairs.filter(lambda row: len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) <= 64)
+    return short.select(range(min(cfg["exact_match_examples"], len(short))))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu_small")
@@ -111,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune_steps", type=int, default=None, help="override the size's fine-tuning steps")
     parser.add_argument("--pretrain_steps", type=int, default=None, help="override both models' pre-training steps")
+    parser.add_argument(
+        "--exact_match_examples", type=int, default=None,
+        help="docstring -> body pairs (validation split, completions <= 64 tokens) for sequence-level exact-match curves; 0 skips",
+    )
     parser.add_argument("--output", default="scripts/results/cascade_cpu_small", help="path prefix of the .json and .png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -120,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["finetune_steps"] = args.finetune_steps
     if args.pretrain_steps is not None:
         cfg["small_pretrain_steps"] = cfg["large_pretrain_steps"] = args.pretrain_steps
+    if args.exact_match_examples is not None:
+        cfg["exact_match_examples"] = args.exact_match_examples
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     unknown = [p for p in presets if p not in LOSS_PRESETS]
     if unknown or "standard" not in presets:
@@ -135,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     eval_rows = torch.tensor(validation["input_ids"])
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     logger.info("train blocks %d, eval blocks %d", len(train), len(validation))
+    pairs = completion_pairs(cfg, tokenizer)
 
     results: dict = {"pretrain": {}, "finetune": {}}
     with tempfile.TemporaryDirectory() as tmp:
         small = _model(cfg["small"], tokenizer, args.architecture, args.seed)
         large = _model(cfg["large"], tokenizer, args.architecture, args.seed + 100)
-        for name, model, steps in (("small", small, cfg["small_pretrain_steps"]), ("large", large, cfg["large_pretrain_steps"])):
-            loss, seconds = pretrain(model, train, collator, steps, cfg, args.seed, os.path.join(tmp, name))
+        for name, model in (("small", small), ("large", large)):
+            steps = cfg[f"{name}_pretrain_steps"]
+            loss, seconds = pretrain(model, train, collator, steps, cfg, cfg[f"{name}_lr"], args.seed, os.path.join(tmp, name))
             results["pretrain"][name] = {
                 "parameters": sum(p.numel() for p in model.parameters()), "steps": steps, "train_loss": loss, "seconds": seconds,
             }
@@ -151,21 +169,30 @@ def main(argv: list[str] | None = None) -> int:
         # the fine-tuning data: one epoch of the same blocks, in the same order, for every preset
         finetune_data = train.select(range(min(len(train), cfg["finetune_steps"] * cfg["batch_size"])))
 
-        curves = {"token": {}, "sequence": {}}
+        curves = {"token": {}, "sequence": {}, **({"exact_match": {}} if pairs is not None else {})}
+        forward_cache: dict = {}  # the large model's teacher-forced pass is shared by every preset's curves
         for preset in presets:
             tuned, loss, seconds = finetune(
                 small_state, cfg, preset, large, finetune_data, collator, tokenizer, args.architecture, args.seed,
                 os.path.join(tmp, preset),
             )
             cascade = CascadeForCausalLM.from_models(tuned.to(device), large.to(device), rule="chow_average")
-            for level in curves:
+            if pairs is not None:
+                curves["exact_match"][preset] = deferral_curve(
+                    cascade, pairs, metric="exact_match", level="sequence", tokenizer=tokenizer,
+                    num_points=cfg["num_points"], batch_size=16,
+                )
+            for level in ("token", "sequence"):
                 curves[level][preset] = deferral_curve(
-                    cascade, eval_rows, metric="token_accuracy", level=level, num_points=cfg["num_points"], batch_size=8
+                    cascade, eval_rows, metric="token_accuracy", level=level, num_points=cfg["num_points"], batch_size=32,
+                    cache=forward_cache,
                 )
             results["finetune"][preset] = {
                 "weights": asdict(LOSS_PRESETS[preset]), "steps": cfg["finetune_steps"], "train_loss": loss, "seconds": seconds,
                 "small_token_accuracy": curves["token"][preset].small_quality,
-                "small_token_loss": deferral_curve(cascade, eval_rows, metric="token_loss", level="token", num_points=2).small_quality,
+                "small_token_loss": deferral_curve(
+                    cascade, eval_rows, metric="token_loss", level="token", num_points=2, cache=forward_cache
+                ).small_quality,
             }
             logger.info("fine-tuned %s: train loss %.3f, area %.4f", preset, loss, curves["token"][preset].area)
 
@@ -175,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     plot_deferral_curves(curves["token"], png, title=f"CAT vs standard fine-tuning, token-level deferral ({args.size}, {device})")
     seq_png = Path(args.output + "_sequence.png")
     plot_deferral_curves(curves["sequence"], seq_png, title=f"CAT vs standard, sequence-level Chow-Average ({args.size}, {device})")
+    plots = [str(png), str(seq_png)]
+    if pairs is not None:
+        em_png = Path(args.output + "_exact_match.png")
+        plot_deferral_curves(curves["exact_match"], em_png, title=f"CAT vs standard, docstring -> body exact match ({args.size}, {device})")
+        plots.append(str(em_png))
     report = {
         "benchmark": "cascade-aware training: deferral curves, CAT variants vs standard fine-tuning",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -190,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_gain_in_token_area_vs_standard": summary["token"].get(best, {}).get("area_gain_vs_standard"),
         "curves": {level: {p: c.to_dict() for p, c in cs.items()} for level, cs in curves.items()},
         "wall_seconds": time.perf_counter() - wall,
-        "plots": [str(png), str(seq_png)],
+        "plots": plots,
+        "exact_match_examples": 0 if pairs is None else len(pairs),
     }
     Path(args.output + ".json").write_text(json.dumps(report, indent=2))
     print(json.dumps({"summary": summary, "best": best, "wall_seconds": report["wall_seconds"]}, indent=2))

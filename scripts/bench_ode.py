@@ -8,7 +8,7 @@ Side by side in one run, on the same packed Python-source tokens in the same ord
 Each ODE model is evaluated at num_steps = L, L/2, L/4 (loss on validation blocks, greedy decode latency per token
 with a KV cache at batch 1). Writes JSON (device, date, command, versions, every number) and a PNG.
 
-    python scripts/bench_ode.py --preset cpu-small --out scripts/results/ode_cpu_small
+    OMP_NUM_THREADS=1 python scripts/bench_ode.py --preset cpu-small --out scripts/results/ode_cpu_small
     python scripts/bench_ode.py --preset gpu --scope all --out scripts/results/ode_gpu   # >= 20M params, bf16
 """
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -34,22 +34,22 @@ from hf_effitrain.models.presets import build_model
 
 @dataclass
 class BenchConfig:
-    hidden_size: int = 128
+    hidden_size: int = 64
     num_heads: int = 4
-    intermediate_size: int = 344
+    intermediate_size: int = 172
     depth: int = 8
-    vocab_size: int = 4096
-    block_size: int = 128
-    batch_size: int = 8
-    train_steps: int = 300
-    learning_rate: float = 2e-3
+    vocab_size: int = 2048
+    block_size: int = 64
+    batch_size: int = 16
+    train_steps: int = 200
+    learning_rate: float = 3e-3
     warmup_steps: int = 20
     scope: str = "stdlib"
-    max_files: int | None = 300
-    eval_blocks: int = 64
-    decode_prompts: int = 4
+    max_files: int | None = 200
+    eval_blocks: int = 32
+    decode_prompts: int = 3
     decode_prompt_tokens: int = 32
-    decode_new_tokens: int = 32
+    decode_new_tokens: int = 16
     schedules: str = "plain,random,fine,llama"
     dtype: str = "float32"
     seed: int = 0
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     for schedule in config.schedules.split(","):
         model = build(schedule, config, tokenizer).to(device)
         run = {"parameters": sum(p.numel() for p in model.parameters())}
-        run.update(train(model, config, train_data, tokenizer, device, out.parent / f"_tmp_{schedule}"))
+        with tempfile.TemporaryDirectory() as scratch:  # Trainer wants an output_dir; nothing is kept
+            run.update(train(model, config, train_data, tokenizer, device, Path(scratch)))
         model = model.to(dtype)
         run["eval"] = evaluate(schedule, model, config, validation, device)
         results["runs"][schedule] = run

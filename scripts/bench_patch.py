@@ -10,7 +10,8 @@ tokens, estimated training FLOPs (6 N + attention, per position) and training wa
 evaluation excluded). Writes JSON (device, date, command, versions, every number) and a PNG.
 
 Presets (`--size`); any flag overrides the preset's value:
-    OMP_NUM_THREADS=2 python scripts/bench_patch.py --size cpu_small          # ~5-8 min on 2 shared CPU cores
+    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_small          # 0.23M llama, 3.5 tok/param, ~4 min
+    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_long           # 0.05M llama, ~45 tok/param, ~6 min
     python scripts/bench_patch.py --size gpu --bf16                            # ~30M llama, 60M tokens, 'all' scope
     python scripts/bench_patch.py --size gpu_long --bf16                       # ~10M llama, 300M tokens (~30 tok/param)
 """
@@ -21,7 +22,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import platform
 import sys
 import tempfile
@@ -46,7 +46,12 @@ SIZES = {
     "cpu_small": dict(
         preset="tiny", config_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
         scope="stdlib", max_files=600, vocab_size=1024, block_size=64, batch_size=16, grad_accum=1,
-        tokens=1_600_000, learning_rate=3e-3, warmup_ratio=0.05, evals=8, max_eval_blocks=200,
+        tokens=800_000, learning_rate=3e-3, warmup_ratio=0.05, evals=8, max_eval_blocks=200,
+    ),
+    "cpu_long": dict(
+        preset="tiny", config_overrides="", scope="stdlib", max_files=600, vocab_size=512, block_size=64,
+        batch_size=16, grad_accum=1, tokens=2_400_000, learning_rate=3e-3, warmup_ratio=0.05, evals=8,
+        max_eval_blocks=200,
     ),
     "gpu": dict(
         preset="small", config_overrides="", scope="all", max_files=None, vocab_size=8192, block_size=512,
@@ -109,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--tokens", type=float, help="N: token budget of the full runs")
     parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--warmup-ratio", type=float)
+    parser.add_argument("--warmup-ratio", type=float, help="warmup share of each stage's steps")
     parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--patch-fraction", type=float, default=2 / 3)
     parser.add_argument("--no-reset", action="store_true", help="keep optimizer and LR schedule at the switch")
@@ -121,6 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-proc", type=int)
     parser.add_argument("--output", default=None, help="JSON path (default scripts/results/patch_<size>.json)")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier result file")
     args = parser.parse_args(argv)
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
@@ -155,7 +161,7 @@ def run_one(name, args, initial_model, train, validation, out_dir) -> dict:
         patch_fraction=args.patch_fraction if patch else 0.0, patch_reset_optimizer=not args.no_reset,
         max_steps=budget_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_ratio=args.warmup_ratio, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
+        warmup_steps=args.warmup_ratio, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
         eval_strategy="steps", eval_steps=max(1, steps_estimate // args.evals), eval_on_start=True,
         logging_steps=max(1, steps_estimate // (4 * args.evals)), save_strategy="no", report_to=[],
         bf16=args.bf16, use_cpu=args.device == "cpu", seed=args.seed, data_seed=args.seed, disable_tqdm=True,
@@ -222,22 +228,39 @@ def plot(results: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, run in results.items():
         points = [p for p in run["curve"] if p["step"] > 0]
-        loss = [p["eval_loss"] for p in points]
-        for ax, key, scale in zip(axes, ("train_flops", "train_tokens", "train_seconds"), (1.0, 1.0, 1.0)):
-            ax.plot([p[key] * scale for p in points], loss, marker="o", label=name)
+        for ax, key in zip(axes, ("train_flops", "train_tokens", "train_seconds")):
+            line, = ax.plot([p[key] for p in points], [p["eval_loss"] for p in points], marker="o", label=name)
+            in_patch = [p for p in points if p["patch_stage"]]
+            if in_patch:  # patch-stage points hollow: their token-level loss, measured before the switch
+                ax.plot([p[key] for p in in_patch], [p["eval_loss"] for p in in_patch], "o", mfc="white", color=line.get_color())
+    if "token" in results:
+        for ax in axes:
+            ax.axhline(results["token"]["final_eval_loss"], color="grey", lw=0.8, ls="--")
     for ax, label in zip(axes, ("training FLOPs (estimate)", "training tokens", "training seconds (steps only)")):
         ax.set_xlabel(label)
         ax.set_ylabel("token-level validation loss")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_xscale("log")
+    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def plot_title(report: dict) -> str:
+    c = report["config"]
+    return (f"{c['architecture']} {c['parameters'] / 1e6:.2f}M params, N={c['tokens'] / 1e6:.1f}M tokens "
+            f"({c['tokens_per_parameter']:.1f} tok/param), K={c['patch_size']}, lambda={c['patch_fraction']:.3f}, "
+            f"{report['device']}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        plot(report["runs"], Path(args.replot).with_suffix(".png"), plot_title(report))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_warning()
     results_dir = Path(__file__).resolve().parent / "results"
@@ -274,9 +297,7 @@ def main(argv=None) -> int:
                  "steps only. CPU timings on shared cores are noisy.",
     }
     output.write_text(json.dumps(report, indent=2))
-    title = (f"{args.architecture} {params / 1e6:.2f}M params, N={args.tokens / 1e6:.1f}M tokens "
-             f"({args.tokens / params:.1f} tok/param), K={args.patch_size}, lambda={args.patch_fraction:.3f}, {device}")
-    plot(results, output.with_suffix(".png"), title)
+    plot(results, output.with_suffix(".png"), plot_title(report))
     print(json.dumps({"output": str(output), "summary": report["summary"],
                       "final_eval_loss": {k: v["final_eval_loss"] for k, v in results.items()}}, indent=2))
     return 0

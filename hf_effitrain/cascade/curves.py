@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def _as_id_rows(data: Any) -> torch.LongTensor:
         rows = torch.tensor(data["input_ids"])
     else:
         raise TypeError(f"eval_data must be a LongTensor (rows, block) or a datasets.Dataset, got {type(data).__name__}.")
-    if rows.dim() != 2 or rows.shape[1] < 2:
+    if rows.dim() != 2 or rows.shape[1] < 2 or rows.shape[0] == 0:
         raise ValueError(f"eval_data must hold rows of at least 2 tokens, got shape {tuple(rows.shape)}.")
     return rows.long()
 
@@ -164,8 +164,37 @@ def _teacher_forced(model: nn.Module, rows: torch.LongTensor, batch_size: int) -
     return {"pred": torch.cat(preds), "confidence": torch.cat(confidence), "gold_logprob": torch.cat(gold_logprob)}
 
 
-def _text_curve(small, large, rows, metric, level, rule, quantile, num_points, batch_size) -> DeferralCurve:
-    s, l = _teacher_forced(small, rows, batch_size), _teacher_forced(large, rows, batch_size)
+def _curve(metric, level, rule, sweep, small_scores, large_scores, flops_per_token, num_tokens) -> DeferralCurve:
+    """Assemble a curve from its sweep `(thresholds, ratio, flops, quality)` and the members' per-item scores."""
+    thresholds, ratio, flops, quality = sweep
+    return DeferralCurve(
+        metric=metric,
+        level=level,
+        rule=rule if level == "sequence" else "token_confidence",
+        thresholds=thresholds,
+        deferral_ratio=ratio,
+        relative_flops=flops,
+        quality=quality,
+        small_quality=float(small_scores.mean()),
+        large_quality=float(large_scores.mean()),
+        small_flops_per_token=flops_per_token[0],
+        large_flops_per_token=flops_per_token[1],
+        num_examples=int(small_scores.shape[0]),
+        num_tokens=num_tokens,
+    )
+
+
+def _cached_teacher_forced(model, rows, batch_size, cache: dict | None) -> dict[str, torch.Tensor]:
+    if cache is None:
+        return _teacher_forced(model, rows, batch_size)
+    key = (id(model), rows.data_ptr(), tuple(rows.shape))
+    if key not in cache:
+        cache[key] = _teacher_forced(model, rows, batch_size)
+    return cache[key]
+
+
+def _text_curve(small, large, rows, metric, level, rule, quantile, num_points, batch_size, cache) -> DeferralCurve:
+    s, l = _cached_teacher_forced(small, rows, batch_size, cache), _cached_teacher_forced(large, rows, batch_size, cache)
     targets = rows[:, 1:]
     if metric == "token_accuracy":
         small_q, large_q = (s["pred"] == targets).double(), (l["pred"] == targets).double()
@@ -195,32 +224,11 @@ def _text_curve(small, large, rows, metric, level, rule, quantile, num_points, b
             ratio.append(float(deferred.double().mean()))
         quality.append(float(torch.where(deferred, large_q, small_q).mean()))
         flops.append((fs * tokens_per_row * n_rows + fl * large_tokens) / large_alone)
-    return DeferralCurve(
-        metric=metric,
-        level=level,
-        rule=rule if level == "sequence" else "token_confidence",
-        thresholds=thresholds,
-        deferral_ratio=ratio,
-        relative_flops=flops,
-        quality=quality,
-        small_quality=float(small_q.mean()),
-        large_quality=float(large_q.mean()),
-        small_flops_per_token=fs,
-        large_flops_per_token=fl,
-        num_examples=n_rows,
-        num_tokens=int(targets.numel()),
-    )
+    return _curve(metric, level, rule, (thresholds, ratio, flops, quality), small_q, large_q, (fs, fl), int(targets.numel()))
 
 
 def _completion_batches(data, tokenizer, batch_size: int):
     """Left-padded prompt batches and reference completion ids from `prompt` / `completion` text columns."""
-    if tokenizer is None:
-        raise ValueError("exact_match needs `tokenizer=` to encode the prompt / completion columns.")
-    missing = {"prompt", "completion"} - set(getattr(data, "column_names", []))
-    if missing:
-        raise ValueError(f"exact_match needs `prompt` and `completion` columns (build_code_sft_dataset); missing {sorted(missing)}.")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("exact_match needs a tokenizer with a pad token (batches are left-padded).")
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -254,6 +262,15 @@ def _decode(model, prompts, max_new_tokens: int, eos_token_id, pad_token_id):
 
 
 def _completion_curve(cascade, data, tokenizer, level, rule, quantile, num_points, batch_size, max_new_tokens) -> DeferralCurve:
+    if tokenizer is None:
+        raise ValueError("exact_match needs `tokenizer=` to encode the prompt / completion columns.")
+    missing = {"prompt", "completion"} - set(getattr(data, "column_names", []))
+    if missing:
+        raise ValueError(f"exact_match needs `prompt` and `completion` columns (build_code_sft_dataset); missing {sorted(missing)}.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("exact_match needs a tokenizer with a pad token (batches are left-padded).")
+    if len(data) == 0:
+        raise ValueError("exact_match got no prompt / completion pairs (an empty split?).")
     small, large = cascade.small, cascade.large
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     fs, fl = forward_flops_per_token(small), forward_flops_per_token(large)
@@ -302,21 +319,7 @@ def _completion_curve(cascade, data, tokenizer, level, rule, quantile, num_point
             ratio.append(deferred_tokens / max(emitted, 1))
             quality.append(float(torch.cat(matches).mean()))
             flops.append(cost / large_alone)
-    return DeferralCurve(
-        metric="exact_match",
-        level=level,
-        rule=rule if level == "sequence" else "token_confidence",
-        thresholds=thresholds,
-        deferral_ratio=ratio,
-        relative_flops=flops,
-        quality=quality,
-        small_quality=float(small_em.mean()),
-        large_quality=float(large_em.mean()),
-        small_flops_per_token=fs,
-        large_flops_per_token=fl,
-        num_examples=int(small_em.numel()),
-        num_tokens=int(small_tokens.sum()),
-    )
+    return _curve("exact_match", level, rule, (thresholds, ratio, flops, quality), small_em, large_em, (fs, fl), int(small_tokens.sum()))
 
 
 def deferral_curve(
@@ -331,6 +334,7 @@ def deferral_curve(
     num_points: int = 21,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    cache: dict | None = None,
 ) -> DeferralCurve:
     """Quality of `cascade` against deferral ratio and relative FLOPs on `eval_data`.
 
@@ -345,6 +349,9 @@ def deferral_curve(
         tokenizer: needed for `"exact_match"` (with a pad token).
         num_points (`int`): threshold quantiles between the two end points.
         max_new_tokens (`int`, *optional*): `"exact_match"` decoding budget; default: each batch's longest reference.
+        cache (`dict`, *optional*): text metrics only: pass one dict to several calls to run each model over the
+            same `eval_data` tensor once (e.g. one large model against several small ones, or both metrics). Keyed by
+            model object, so do not reuse it after a model's weights change.
 
     Returns:
         [`DeferralCurve`]; its first point (threshold `-inf`) is the small model alone and its last (`+inf`) the large.
@@ -363,7 +370,8 @@ def deferral_curve(
     try:
         if metric == "exact_match":
             return _completion_curve(cascade, eval_data, tokenizer, level, rule, quantile, num_points, batch_size, max_new_tokens)
-        return _text_curve(cascade.small, cascade.large, _as_id_rows(eval_data), metric, level, rule, quantile, num_points, batch_size)
+        rows = _as_id_rows(eval_data)
+        return _text_curve(cascade.small, cascade.large, rows, metric, level, rule, quantile, num_points, batch_size, cache)
     finally:
         cascade.train(was_training)
 

@@ -27,6 +27,7 @@ class CascadeDataArguments:
     scope: str = field(default="stdlib", metadata={"help": "For --corpus python: stdlib, site or all."})
     text_column: str = field(default="text", metadata={"help": "Text column of jsonl / datasets corpora."})
     max_files: int | None = field(default=None, metadata={"help": "Use at most this many corpus files (deterministic)."})
+    validation_fraction: float = field(default=0.01, metadata={"help": "Share of documents hashed into the validation split (and into test)."})
     block_size: int = field(default=256, metadata={"help": "Tokens per training / evaluation block."})
     max_eval_blocks: int | None = field(default=256, metadata={"help": "Validation blocks used for evaluation."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization (datasets.map)."})
@@ -60,11 +61,21 @@ def load_members(args: CascadeModelArguments) -> tuple[PreTrainedModel, PreTrain
     return small, large, tokenizer
 
 
+def _split_kwargs(data_args: CascadeDataArguments) -> dict[str, Any]:
+    """Corpus selection shared by the packed text and the prompt / completion pairs, so their splits agree."""
+    return dict(
+        scope=data_args.scope,
+        max_files=data_args.max_files,
+        validation_fraction=data_args.validation_fraction,
+        test_fraction=data_args.validation_fraction,
+    )
+
+
 def packed_splits(data_args: CascadeDataArguments, tokenizer, splits=("train", "validation")):
     """The corpus splits packed into `block_size` blocks (validation capped at `max_eval_blocks`)."""
     from hf_effitrain.data import load_corpus, pack_dataset
 
-    corpus = load_corpus(data_args.corpus, scope=data_args.scope, text_column=data_args.text_column, max_files=data_args.max_files)
+    corpus = load_corpus(data_args.corpus, text_column=data_args.text_column, **_split_kwargs(data_args))
     out = {}
     for split in splits:
         packed = pack_dataset(corpus[split], tokenizer, data_args.block_size, num_proc=data_args.num_proc, text_column=data_args.text_column)
@@ -134,7 +145,7 @@ def run_cascade_eval(model_args: CascadeModelArguments, data_args: CascadeDataAr
     if eval_args.metric == "exact_match":
         from hf_effitrain.data import build_code_sft_dataset
 
-        pairs = build_code_sft_dataset(data_args.corpus, scope=data_args.scope, max_files=data_args.max_files)[eval_args.split]
+        pairs = build_code_sft_dataset(data_args.corpus, **_split_kwargs(data_args))[eval_args.split]
         if eval_args.max_examples is not None:
             pairs = pairs.select(range(min(eval_args.max_examples, len(pairs))))
         data = pairs

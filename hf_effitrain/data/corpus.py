@@ -181,6 +181,10 @@ def _cached(name: str, key_parts: Iterable[object], build: Callable[[], DatasetD
         logger.info("loading cached corpus %s from %s", name, target)
         return datasets.load_from_disk(str(target))
     corpus = build()
+    if any(len(split) == 0 for split in corpus.values()):
+        # datasets 5.2 saves a zero-row split but cannot load it back (IndexError in concat_tables): keep in memory
+        logger.info("corpus %s has an empty split (a fraction is 0): not cached", name)
+        return corpus
     write_atomically(target, lambda tmp: _save_quietly(corpus, tmp))
     # reload from disk: the memory-mapped copy has cache files, so later `datasets.map` calls are cached too
     return datasets.load_from_disk(str(target))
@@ -202,7 +206,8 @@ def _load_hub_dataset(name: str, text_column: str, max_files, validation_fractio
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({"train": loaded})
     if not isinstance(loaded, DatasetDict):
-        raise TypeError(f"datasets.load_dataset({name!r}) returned a {type(loaded).__name__}; streaming is not supported")
+        kind = type(loaded).__name__
+        raise TypeError(f"datasets.load_dataset({name!r}) returned a {kind}; streaming is not supported")
     if "train" not in loaded:
         raise ValueError(f"dataset {name!r} has no 'train' split; its splits are {list(loaded)}")
     base = loaded["train"]
@@ -234,7 +239,7 @@ def _looks_local(source: str | os.PathLike) -> bool:
         isinstance(source, os.PathLike)
         or os.path.exists(text)
         or text.endswith(LOCAL_SUFFIXES)
-        or text.startswith(("/", "./", "../", "~", "."))
+        or text.startswith(("/", ".", "~"))
     )
 
 
@@ -305,4 +310,6 @@ def load_corpus(
         )
         name = f"local-{Path(source).name or 'root'}"
         return _cached(name, [str(Path(source).resolve()), *options, *_listing_key(files)], build, cache_dir, use_cache)
-    return _load_hub_dataset(str(source), text_column, max_files, validation_fraction, test_fraction, **load_dataset_kwargs)
+    return _load_hub_dataset(
+        str(source), text_column, max_files, validation_fraction, test_fraction, **load_dataset_kwargs
+    )

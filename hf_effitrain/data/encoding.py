@@ -10,10 +10,11 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 
     A fast tokenizer whose backend has no truncation or padding configured is called through
     `Tokenizer.encode_batch_fast`, which skips the character offsets that `__call__` computes and that packing never
-    uses (measured 1.7x faster on stdlib files). Any other tokenizer goes through `__call__`.
+    uses (on stdlib files: 1.7x faster than `encode_batch`, 1.9x than `__call__`). Other tokenizers use `__call__`.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None and backend.padding is None:
+    plain = backend is not None and backend.truncation is None and backend.padding is None
+    if plain and hasattr(backend, "encode_batch_fast"):
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
     return encoded["input_ids"]

@@ -12,6 +12,7 @@ import logging
 
 from datasets import Dataset, DatasetDict
 
+from .cache import fingerprint
 from .encoding import encode_texts
 
 __all__ = ["pack_dataset"]
@@ -21,6 +22,15 @@ logger = logging.getLogger(__name__)
 # documents per packing batch: the tail of each batch shorter than a block is dropped, which costs at most
 # block_size - 1 tokens per this many documents (under 0.1% for source files of a few thousand tokens)
 _GROUP_BATCH_SIZE = 1000
+# bump when tokenizing or grouping changes, so that cached blocks of the old recipe are not reused
+_PACK_FORMAT = "pack-v1"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of what decides token ids: the Rust tokenizer's full JSON state, else the vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return fingerprint([type(tokenizer).__name__, state, tokenizer.eos_token_id])
 
 
 def _tokenize(batch: dict, tokenizer, text_column: str, eos_token_id: int) -> dict:
@@ -38,6 +48,9 @@ def _pack_split(dataset: Dataset, tokenizer, block_size: int, num_proc, text_col
     if text_column not in dataset.column_names:
         raise ValueError(f"no text column {text_column!r}; the dataset's columns are {dataset.column_names}")
     num_proc = num_proc if num_proc and num_proc > 1 and len(dataset) >= num_proc else None
+    # datasets hashes `fn_kwargs` to name its cache files, but a tokenizer does not hash the same in two processes,
+    # so every new run (and every rank of a distributed run) re-tokenized; name the cache from what decides the ids
+    tokenize_fp = fingerprint([_PACK_FORMAT, dataset._fingerprint, _tokenizer_fingerprint(tokenizer), text_column])
     tokenized = dataset.map(
         _tokenize,
         batched=True,
@@ -45,6 +58,7 @@ def _pack_split(dataset: Dataset, tokenizer, block_size: int, num_proc, text_col
         remove_columns=dataset.column_names,
         fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "eos_token_id": tokenizer.eos_token_id},
         desc=f"Tokenizing {name}",
+        new_fingerprint=tokenize_fp,
     )
     packed = tokenized.map(
         _group,
@@ -53,6 +67,7 @@ def _pack_split(dataset: Dataset, tokenizer, block_size: int, num_proc, text_col
         num_proc=num_proc,
         fn_kwargs={"block_size": block_size},
         desc=f"Packing {name} into blocks of {block_size}",
+        new_fingerprint=fingerprint([_PACK_FORMAT, tokenize_fp, block_size, _GROUP_BATCH_SIZE]),
     )
     if len(packed) == 0:
         logger.warning("split %r holds fewer than %d tokens: it packs to no block", name, block_size)
@@ -91,7 +106,10 @@ def pack_dataset(
         raise ValueError(f"num_proc must be >= 1 or None, got {num_proc!r}")
     if isinstance(dataset, DatasetDict):
         return DatasetDict(
-            {name: _pack_split(split, tokenizer, block_size, num_proc, text_column, name) for name, split in dataset.items()}
+            {
+                name: _pack_split(split, tokenizer, block_size, num_proc, text_column, name)
+                for name, split in dataset.items()
+            }
         )
     if not isinstance(dataset, Dataset):
         raise TypeError(f"pack_dataset needs a datasets.Dataset or DatasetDict, got {type(dataset).__name__}")

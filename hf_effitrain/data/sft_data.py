@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict, Features, Value
 
 from .corpus import SPLITS, load_corpus
 
@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 # ast numbers lines by "\n", "\r\n" and "\r" only; str.splitlines would also break at form feeds and other
 # separators that the stdlib has inside lines, and shift every line number after them
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
-_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_COLUMNS = ("prompt", "completion", "path", "name", "error")
+_FEATURES = Features({column: Value("string") for column in _COLUMNS})
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
@@ -103,7 +104,7 @@ def extract_docstring_functions(source: str) -> list[dict]:
 
 
 def _extract_batch(batch: dict, min_completion_chars: int, max_prompt_chars: int, max_completion_chars: int) -> dict:
-    out: dict[str, list[str]] = {"prompt": [], "completion": [], "path": [], "name": [], "error": []}
+    out: dict[str, list[str]] = {column: [] for column in _COLUMNS}
 
     def add(prompt: str, completion: str, path: str, name: str, error: str = "") -> None:
         for column, value in zip(out, (prompt, completion, path, name, error)):
@@ -170,7 +171,9 @@ def build_code_sft_dataset(
     )
     if "path" not in corpus["train"].column_names:
         # a `datasets` dataset has no file key: number its rows so that `path` still says where a row came from
-        corpus = DatasetDict({s: d.map(lambda _, i: {"path": f"{s}#{i}"}, with_indices=True) for s, d in corpus.items()})
+        corpus = DatasetDict(
+            {s: d.map(lambda _, i: {"path": f"{s}#{i}"}, with_indices=True) for s, d in corpus.items()}
+        )
     limits = {
         "min_completion_chars": min_completion_chars,
         "max_prompt_chars": max_prompt_chars,
@@ -185,12 +188,15 @@ def build_code_sft_dataset(
             batch_size=64,
             remove_columns=dataset.column_names,
             fn_kwargs=limits,
+            # explicit, or a split where no function passes the filters would come back without columns
+            features=_FEATURES,
             num_proc=num_proc if num_proc and len(dataset) >= num_proc > 1 else None,
             desc=f"Extracting functions ({split})",
         )
         errors += sum(1 for error in extracted["error"] if error)
         out[split] = extracted.filter(lambda error: not error, input_columns="error").remove_columns("error")
     if errors:
-        logger.warning("code SFT dataset: skipped %d files that do not parse as Python %d.%d", errors, *sys.version_info[:2])
+        version = "%d.%d" % sys.version_info[:2]
+        logger.warning("code SFT dataset: skipped %d files that do not parse as Python %s", errors, version)
     logger.info("code SFT dataset: %s", ", ".join(f"{split} {len(out[split])} functions" for split in SPLITS))
     return DatasetDict(out)

@@ -94,7 +94,8 @@ def _walk(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str]) -> I
 
 def _source_file(key: str, entry: os.DirEntry | Path) -> SourceFile:
     stat = entry.stat()
-    return SourceFile(key, Path(entry.path if isinstance(entry, os.DirEntry) else entry), stat.st_size, stat.st_mtime_ns)
+    path = Path(entry.path if isinstance(entry, os.DirEntry) else entry)
+    return SourceFile(key, path, stat.st_size, stat.st_mtime_ns)
 
 
 def python_source_files(scope: str) -> list[SourceFile]:
@@ -120,7 +121,8 @@ def local_source_files(path: str | os.PathLike) -> tuple[list[SourceFile], bool]
         raise ValueError(f"corpus path {str(root)!r} does not exist")
     if root.is_file():
         if not root.name.endswith(LOCAL_SUFFIXES):
-            raise ValueError(f"corpus file {str(root)!r} has an unsupported suffix; use one of {', '.join(LOCAL_SUFFIXES)}")
+            allowed = ", ".join(LOCAL_SUFFIXES)
+            raise ValueError(f"corpus file {str(root)!r} has an unsupported suffix; use one of {allowed}")
         return [_source_file(root.name, root)], True
     files = [_source_file(rel, entry) for rel, entry in _walk(root, LOCAL_SUFFIXES, frozenset())]
     if not files:

@@ -53,11 +53,13 @@ def _sample_indices(lengths: np.ndarray, max_train_chars: int | None) -> np.ndar
 def _train_texts(corpus_or_texts, text_column: str, max_train_chars: int | None) -> list[str]:
     if isinstance(corpus_or_texts, DatasetDict):
         if "train" not in corpus_or_texts:
-            raise ValueError(f"the corpus has no 'train' split to train the tokenizer on; splits: {list(corpus_or_texts)}")
+            splits = list(corpus_or_texts)
+            raise ValueError(f"the corpus has no 'train' split to train the tokenizer on; its splits are {splits}")
         corpus_or_texts = corpus_or_texts["train"]
     if isinstance(corpus_or_texts, Dataset):
         if text_column not in corpus_or_texts.column_names:
-            raise ValueError(f"no text column {text_column!r}; the dataset's columns are {corpus_or_texts.column_names}")
+            columns = corpus_or_texts.column_names
+            raise ValueError(f"no text column {text_column!r}; the dataset's columns are {columns}")
         column = corpus_or_texts.with_format("arrow")[text_column]
         lengths = pc.fill_null(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
         indices = _sample_indices(lengths, max_train_chars)
@@ -65,7 +67,8 @@ def _train_texts(corpus_or_texts, text_column: str, max_train_chars: int | None)
         return [text for text in subset[text_column] if text is not None]
     if isinstance(corpus_or_texts, str) or not isinstance(corpus_or_texts, Iterable):
         raise TypeError(
-            f"train_tokenizer needs a DatasetDict, a Dataset or an iterable of strings, got {type(corpus_or_texts).__name__}"
+            "train_tokenizer needs a DatasetDict, a Dataset or an iterable of strings, "
+            f"got {type(corpus_or_texts).__name__}"
         )
     texts = list(corpus_or_texts)
     bad = next((t for t in texts if not isinstance(t, str)), None)

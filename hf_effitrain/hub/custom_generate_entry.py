@@ -57,7 +57,8 @@ def generate(*args: Any, model=None, strategy: str | None = None, **kwargs: Any)
     if _has_effi_dispatch(model):
         return model_class_generate(model, *args, strategy=strategy, **kwargs)
     if strategy is None:
-        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        config = kwargs.get("generation_config")
+        config = config if config is not None else getattr(model, "generation_config", None)
         strategy = getattr(config, "strategy", None)
     if strategy is None or kwargs.get("custom_generate") is not None:
         return model_class_generate(model, *args, **kwargs)

@@ -103,16 +103,12 @@ def _sequence_cascade(model, input_ids, config, kwargs, rule, threshold, quantil
         mask = generated_mask(new, eos_ids)
         return large_sequences, deferred, scores, mask, mask.clone()
 
-    rows, from_large = [], []
+    rows = []
     large_rows = iter(large_sequences[:, prompt_len:])
     for i in range(batch):
-        if deferred[i]:
-            new = next(large_rows)
-        else:
-            new = small_new[i]
+        new = next(large_rows) if deferred[i] else small_new[i]
         emitted = generated_mask(new.unsqueeze(0), eos_ids)[0]
-        rows.append(new[: int(emitted.sum())])
-        from_large.append(bool(deferred[i]))
+        rows.append(new[: int(emitted.sum())])  # right-padded again below to the longest answer
     width = max(r.shape[0] for r in rows)
     new_tokens = _right_pad(rows, width, pad)
     emitted = torch.zeros_like(new_tokens, dtype=torch.bool)
@@ -220,8 +216,8 @@ def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_c
         `model.cascade_stats` holds the shares of sequences and tokens deferred and the large model's forward tokens.
 
     Raises:
-        ValueError: on a model that is not a cascade, an invalid deferral setting, or token-level deferral with
-            sampling or beam search (token-level deferral is greedy).
+        ValueError: on a model that is not a cascade, an invalid deferral setting, beam search or several
+            sequences per prompt, or token-level deferral with sampling (token-level deferral is greedy).
     """
     if not (hasattr(model, "small") and hasattr(model, "large") and hasattr(model.config, "deferral")):
         raise ValueError(
@@ -244,10 +240,14 @@ def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_c
     kwargs = config.update(**kwargs)  # generation settings go into the config, the rest are model inputs
     return_dict = bool(config.return_dict_in_generate)
     config.update(return_dict_in_generate=False, output_scores=False, output_logits=False)
-    if deferral == "token" and (config.do_sample or (config.num_beams or 1) > 1):
+    if (config.num_beams or 1) > 1 or (config.num_return_sequences or 1) > 1:
         raise ValueError(
-            f"Token-level deferral is greedy; got do_sample={config.do_sample}, num_beams={config.num_beams}. "
-            "Use deferral='sequence' to sample or beam-search with the members."
+            f"Cascade generation returns one answer per prompt without beam search; got num_beams={config.num_beams}, "
+            f"num_return_sequences={config.num_return_sequences}."
+        )
+    if deferral == "token" and config.do_sample:
+        raise ValueError(
+            "Token-level deferral is greedy; got do_sample=True. Use deferral='sequence' to sample with the members."
         )
 
     prompt_len = inputs.shape[1]

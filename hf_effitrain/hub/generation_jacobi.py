@@ -23,7 +23,6 @@ This file ships inside checkpoints (`hub/`): it imports only stdlib, torch, tran
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from transformers.generation import GenerationMixin
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .generation_jacobi_tree import DraftTree, chain_nodes, retrieve_continuation, tr_jacobi_nodes
+from .generation_jacobi_tree import DraftTree, SuffixIndex, chain_nodes, tr_jacobi_nodes
 
 __all__ = [
     "STRATEGY_DEFAULTS",
@@ -89,8 +88,8 @@ class JacobiGenerateOutput(GenerateDecoderOnlyOutput):
     tokens_per_forward: float | None = None
 
 
-def _resolve_params(model, generation_config, kwargs: dict[str, Any], names: tuple[str, ...]) -> tuple[GenerationConfig | None, dict[str, int]]:
-    """Pop the strategy parameters from `kwargs`, validate them, and return (config to pass on, parameters)."""
+def _resolve_params(model, generation_config, kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, int]:
+    """Pop the strategy parameters from `kwargs` (else the config's, else the defaults) and validate them."""
     base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     params = {}
     for name in names:
@@ -105,7 +104,7 @@ def _resolve_params(model, generation_config, kwargs: dict[str, Any], names: tup
             allowed = "a non-negative int" if name in _NON_NEGATIVE else "a positive int"
             raise ValueError(f"`{name}` must be {allowed}, got {value}.")
         params[name] = value
-    return generation_config, params
+    return params
 
 
 def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str, tree_nodes_fn, seed: int):
@@ -141,7 +140,7 @@ def jacobi_generate(model, inputs: torch.Tensor | None = None, generation_config
     Returns:
         What `model.generate` returns; a `JacobiGenerateOutput` with statistics when `return_dict_in_generate=True`.
     """
-    generation_config, params = _resolve_params(model, generation_config, kwargs, ("jacobi_draft_len", "draft_seed"))
+    params = _resolve_params(model, generation_config, kwargs, ("jacobi_draft_len", "draft_seed"))
     draft_len = params["jacobi_draft_len"]
     return _run(model, inputs, generation_config, kwargs, "jacobi", lambda: (chain_nodes(draft_len), 1, None), params["draft_seed"])
 
@@ -160,7 +159,7 @@ def tr_jacobi_generate(model, inputs: torch.Tensor | None = None, generation_con
         What `model.generate` returns; a `JacobiGenerateOutput` with statistics when `return_dict_in_generate=True`.
     """
     names = ("tree_depth", "tree_top_k", "retrieval_ngram_size", "retrieval_length", "draft_seed")
-    generation_config, params = _resolve_params(model, generation_config, kwargs, names)
+    params = _resolve_params(model, generation_config, kwargs, names)
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in _ATTENTION_WITH_CUSTOM_MASKS:
         raise ValueError(
@@ -234,8 +233,7 @@ def _compact_cache(cache: DynamicCache, start: int, source: torch.Tensor, remove
             if layer.is_initialized and layer.keys.numel():
                 layer.keys[:, :, target] = layer.keys[:, :, source]
                 layer.values[:, :, target] = layer.values[:, :, source]
-    if remove > 0:
-        cache.crop(-remove)
+    cache.crop(-remove)  # also with remove == 0: sliding-window layers then drop what they no longer need
 
 
 def _process_scores(logits_processor, sequence: torch.Tensor, tokens: torch.Tensor, tree: DraftTree, logits: torch.Tensor) -> torch.Tensor:
@@ -302,6 +300,7 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
     generator = torch.Generator(device=device).manual_seed(seed)
     table_width = top_k + (1 if retrieval else 0)
     candidates = None  # (depth, width) candidate table; None: first step, filled from history
+    index = SuffixIndex(input_ids[0].tolist() + first.tolist(), retrieval[0]) if retrieval else None
 
     while not done:
         remaining = stopper.max_length - sequence.shape[1]  # tokens still allowed after the current one
@@ -317,8 +316,8 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         table = filler
         if candidates is not None:
             table[: candidates.shape[0], : candidates.shape[1]] = candidates
-        if retrieval:
-            table[:, top_k] = retrieve_continuation(history, retrieval[0], full_tree.max_depth, table[:, top_k])
+        if index is not None and (continuation := index.lookup(min(retrieval[1], full_tree.max_depth))):
+            table[: len(continuation), top_k] = torch.tensor(continuation, device=device)
         tokens = torch.cat([history[-1:], table[tree.rows, tree.columns]])
 
         # 3. One forward over the current token and all drafts.
@@ -350,6 +349,8 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
             raw_logits += tuple(logits[kept_nodes].split(1))
         sequence = torch.cat([sequence, path_predicted[best, :kept][None]], dim=1)
         accepted_lengths.append(kept)
+        if index is not None and not done:
+            index.extend(new_tokens[:kept])
         if streamer is not None:
             streamer.put(torch.tensor(new_tokens[:kept]))
 
@@ -360,7 +361,7 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         position += kept
 
         # 6. Next candidates: top-k of the predictions at the rejected nodes of the best path (Jacobi reuse).
-        rejected = path[n_accepted + 1 :][tree.valid[best, n_accepted + 1 :]] if not done else path[:0]
+        rejected = path[n_accepted + 1 : len(tree.path_lists[best])]  # host-known length: no boolean-mask sync
         candidates = torch.topk(processed[rejected], k=min(top_k, processed.shape[-1]), dim=-1).indices if top_k > 1 else predicted[rejected][:, None]
         del out
 

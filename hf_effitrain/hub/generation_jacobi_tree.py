@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DEFAULT_TREE", "DraftTree", "chain_nodes", "tr_jacobi_nodes", "retrieve_continuation"]
+__all__ = ["DEFAULT_TREE", "DraftTree", "SuffixIndex", "chain_nodes", "tr_jacobi_nodes"]
 
 # The TR-Jacobi template: 63 top-k nodes shaped like the MSN paper's (depth histogram of the top-k part
 # {1: 10, 2: 28, 3: 23, 4: 2}); with the 5-node retrieval chain added it has 68 draft nodes + the root = 69 tokens.
@@ -49,7 +49,8 @@ class DraftTree:
         nodes: the draft nodes as column paths (the root is implicit).
         depth: `(N,)` depth of each node, 0 for the root (positions are `root_position + depth`).
         rows, columns: `(N - 1,)` candidate-table cell of each draft node.
-        paths: `(P, max_depth + 1)` node indices of every root-to-leaf path, padded with 0 where `valid` is False.
+        paths: `(P, max_depth + 1)` node indices of every root-to-leaf path, padded with 0 where `valid` is False
+            (`path_lists`: the same paths, unpadded, on the host).
         valid: `(P, max_depth + 1)` which path slots hold a node (padding never counts as a match: exact).
         bias: `(N, N)` additive attention bias, 0 where a node sees an ancestor or itself, `min` elsewhere.
         ancestors: for each node, the draft nodes on its path (root excluded), used only by logits processors.
@@ -65,6 +66,7 @@ class DraftTree:
     valid: torch.Tensor = field(init=False)
     bias: torch.Tensor = field(init=False)
     ancestors: list[list[int]] = field(init=False)
+    path_lists: list[list[int]] = field(init=False)
     max_depth: int = field(init=False)
     is_chain: bool = field(init=False)
 
@@ -105,23 +107,30 @@ class DraftTree:
         return DraftTree([node for node in self.nodes if len(node) <= depth], self.device, self.dtype)
 
 
-def retrieve_continuation(history: torch.Tensor, ngram_size: int, length: int, fallback: torch.Tensor) -> torch.Tensor:
-    """The `length` tokens that followed the earliest earlier occurrence of the longest suffix (<= `ngram_size`) of `history`.
+class SuffixIndex:
+    """Host-side n-gram index of the verified text for the retrieval chain (prompt-lookup style, no datastore).
 
-    Runs entirely on the device (no host sync). Slots past the end of `history`, or all slots when no suffix of any
-    size re-occurs, are taken from `fallback` (`(length,)`, drawn from the verified history like the training noise).
+    `lookup` returns the tokens that followed the EARLIEST earlier occurrence of the longest suffix (up to
+    `max_ngram` tokens) of the text. Every n-gram is indexed once, when the token after it is known, so a step
+    costs a few dict operations on the tokens the acceptance sync already brought to the host: no device work.
     """
-    total = history.shape[0]
-    out = fallback
-    offsets = torch.arange(length, device=history.device)
-    for n in range(1, ngram_size + 1):  # larger n last, so the longest match wins
-        if total <= n:
-            break
-        windows = history[: total - 1].unfold(0, n, 1)  # windows starting at s, continuation starting at s + n <= total - 1
-        hits = (windows == history[total - n :]).all(dim=1)
-        hits = hits[: total - n]
-        first = torch.argmax(hits.to(torch.int8))  # first True (0 when none, masked below)
-        index = first + n + offsets
-        found = hits.any() & (index < total)
-        out = torch.where(found, history[index.clamp(max=total - 1)], out)
-    return out
+
+    def __init__(self, tokens: list[int], max_ngram: int):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self.first: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its first occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        start = max(len(self.tokens) - 1, 0)
+        self.tokens.extend(tokens)
+        for end in range(start, len(self.tokens) - 1):  # n-grams ending at `end` now have a continuation
+            for n in range(1, min(self.max_ngram, end + 1) + 1):
+                self.first.setdefault(tuple(self.tokens[end - n + 1 : end + 1]), end + 1)
+
+    def lookup(self, length: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(self.tokens)), 0, -1):
+            position = self.first.get(tuple(self.tokens[-n:]))
+            if position is not None:
+                return self.tokens[position : position + length]
+        return []

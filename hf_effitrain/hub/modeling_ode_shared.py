@@ -18,7 +18,7 @@ Ships inside checkpoints: imports only torch, transformers and single-dot siblin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -415,14 +415,6 @@ class OdeSharedForCausalLM(EffiGenerationMixin, OdeSharedPreTrainedModel, Genera
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
-
-def iter_decoder_layers(model: OdeSharedModel) -> Iterator[OdeSharedDecoderLayer]:
-    """Every distinct layer of the stack in depth order (pre, shared blocks, post)."""
-    yield from model.pre_layers
-    for block in model.shared_blocks:
-        yield from block
-    yield from model.post_layers
 
 
 __all__ = [

@@ -6,12 +6,24 @@ from .linear_cross_entropy import (
     linear_cross_entropy_naive,
     linear_cross_entropy_reference,
 )
+from .lm_head import (
+    fusable_lm_head,
+    fused_causal_lm_loss,
+    fused_loss_enabled,
+    linear_argmax,
+    lm_head_hidden_states,
+)
 
 __all__ = [
     "KernelLoadError",
+    "fusable_lm_head",
+    "fused_causal_lm_loss",
     "fused_linear_cross_entropy",
+    "fused_loss_enabled",
+    "linear_argmax",
     "linear_cross_entropy_naive",
     "linear_cross_entropy_reference",
+    "lm_head_hidden_states",
     "load_kernel_module",
     "local_kernel_repo",
     "set_kernel_source",

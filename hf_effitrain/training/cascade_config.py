@@ -29,6 +29,12 @@ class CascadeAwareTrainingArguments(TrainingArguments):
             which needs the large model's full distribution.
         large_batch_size (`int`, *optional*, defaults to 16):
             Batch size of that precomputation.
+        use_fused_loss (`bool`, *optional*):
+            Compute the training loss with `hf_effitrain.ops.fused_linear_cross_entropy` from the small model's
+            final hidden states, never materialising its (tokens, vocab) logits. `None` (default): on when training
+            on CUDA (Triton kernel). `True`: always (on CPU its chunked torch reference). `False`: never. No effect
+            with distillation (`kd_weight > 0` needs the full distribution), label smoothing, a custom loss, an LM
+            head with a bias or logit soft-capping.
     """
 
     cascade_preset: str = field(default=DEFAULT_PRESET, metadata={"help": f"Loss preset: one of {sorted(LOSS_PRESETS)}."})
@@ -42,6 +48,13 @@ class CascadeAwareTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Cache the large model's greedy predictions with datasets.map instead of computing them per batch."}
     )
     large_batch_size: int = field(default=16, metadata={"help": "Batch size of the large-model precomputation."})
+    use_fused_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fused linear cross-entropy for the training loss (no (tokens, vocab) logits): unset = on when "
+            "training on CUDA, true = always (on CPU its chunked torch reference), false = never."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, Trainer
 
 from hf_effitrain.cascade.loss import CascadeLossWeights, cascade_aware_loss
 from hf_effitrain.hub.modeling_cascade import check_cascade_members
+from hf_effitrain.ops import fusable_lm_head, fused_loss_enabled, lm_head_hidden_states
 from hf_effitrain.training.cascade_config import CascadeAwareTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,16 @@ def add_large_predictions(dataset: Dataset, large_model: PreTrainedModel, batch_
     if "input_ids" not in dataset.column_names:
         raise ValueError(f"Precomputing large-model predictions needs an `input_ids` column; got {dataset.column_names}.")
     device = next(large_model.parameters()).device
-    weights_digest = Hasher.hash([large_model.config.to_json_string(), [float(p.double().sum()) for p in large_model.parameters()]])
+    weights_digest = Hasher.hash([large_model.config.to_json_string(), [float(p.detach().double().sum()) for p in large_model.parameters()]])
     has_mask = "attention_mask" in dataset.column_names
 
     def predict(batch: dict[str, list]) -> dict[str, list]:
+        if len({len(ids) for ids in batch["input_ids"]}) == 1:  # packed blocks: one forward for the whole batch
+            mask = torch.tensor(batch["attention_mask"], device=device) if has_mask else None
+            preds, _ = large_model_outputs(large_model, torch.tensor(batch["input_ids"], device=device), mask)
+            return {LARGE_PREDICTIONS: preds.tolist()}
         predictions = []
-        for i, ids in enumerate(batch["input_ids"]):  # one row at a time: rows may differ in length
+        for i, ids in enumerate(batch["input_ids"]):  # rows of different lengths: one at a time, no padding
             mask = torch.tensor([batch["attention_mask"][i]], device=device) if has_mask else None
             preds, _ = large_model_outputs(large_model, torch.tensor([ids], device=device), mask)
             predictions.append(preds[0].tolist())
@@ -50,7 +55,7 @@ def add_large_predictions(dataset: Dataset, large_model: PreTrainedModel, batch_
         predict,
         batched=True,
         batch_size=batch_size,
-        new_fingerprint=Hasher.hash([dataset._fingerprint, weights_digest, "large_predictions_v1"]),
+        new_fingerprint=Hasher.hash([dataset._fingerprint, weights_digest, "large_predictions_v2"]),
         desc="large-model predictions",
     )
 
@@ -124,7 +129,8 @@ class CascadeAwareTrainer(Trainer):
         """Cascade-aware loss; the `"standard"` weights use the stock `Trainer.compute_loss` unchanged."""
         inputs = dict(inputs)
         large_predictions = inputs.pop(LARGE_PREDICTIONS, None)
-        if self.loss_weights.is_standard:
+        fused_head = self._fused_loss_head(model, return_outputs)
+        if self.loss_weights.is_standard and fused_head is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs.pop("labels", None)
         if labels is None:
@@ -134,18 +140,33 @@ class CascadeAwareTrainer(Trainer):
             if self.large_model.training:
                 self.large_model.eval()
             large_predictions, large_logits = large_model_outputs(self.large_model, inputs["input_ids"], inputs.get("attention_mask"))
-        outputs = model(**inputs)
+        if fused_head is not None:  # the LM head is skipped: the fused loss takes the hidden states
+            hidden, outputs = lm_head_hidden_states(model, fused_head, **inputs)
+            logits_or_hidden = {"logits": None, "hidden_states": hidden, "lm_head_weight": fused_head.weight}
+        else:
+            outputs = model(**inputs)
+            logits_or_hidden = {"logits": outputs.logits}
         loss = cascade_aware_loss(
-            outputs.logits,
-            labels,
-            large_predictions,
-            self.loss_weights,
+            labels=labels,
+            large_predictions=large_predictions,
+            weights=self.loss_weights,
             large_logits=large_logits,
             num_items_in_batch=num_items_in_batch,
+            **logits_or_hidden,
         )
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss_head(self, model, return_outputs: bool):
+        """The LM head the fused linear cross-entropy replaces (`args.use_fused_loss`), or None for the logits path."""
+        if return_outputs or not model.training or self.loss_weights.needs_large_logits:
+            return None
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return None
+        if not fused_loss_enabled(getattr(self.args, "use_fused_loss", None), model):
+            return None
+        return fusable_lm_head(model)
 
 
 __all__ = ["CascadeAwareTrainer", "add_large_predictions", "large_model_outputs"]

@@ -7,9 +7,10 @@ Evaluation batches (the model is in eval mode) are never touched.
 
 What a "sample" is: one original sequence. In a padded batch that is a row; with packing / padding-free batches
 (rows holding several sequences, whose `position_ids` restart at 0) each original sequence gets its own segment,
-found from the `position_ids` resets. A segment lies where the labels are not -100 (the completion, or the assistant
-turns) and never crosses a sequence boundary or a masked stretch. A sample whose completion is shorter than
-`noise_length` is left clean and counted in the logged `noised_samples` share.
+found from the `position_ids` resets (trl's default "bfd" packing is padding-free). Rows without `position_ids`
+(the "wrapped" packing strategy) are one sample each. A segment lies where the labels are not -100 (the
+completion, or the assistant turns) and never crosses a sequence boundary or a masked stretch. A sample whose
+completion is shorter than `noise_length` is left clean and counted in the logged `noised_samples` share.
 """
 
 from __future__ import annotations

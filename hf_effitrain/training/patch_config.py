@@ -48,6 +48,11 @@ class PatchTrainingArguments(TrainingArguments):
             Restart the optimizer state and the learning-rate schedule (with its warmup) at the switch to token
             level, as the paper does; each stage then gets its own schedule over its own steps. `False` keeps one
             optimizer and one schedule over the whole run. No effect without a patch stage.
+        use_fused_loss (`bool`, *optional*):
+            Compute the training loss with `hf_effitrain.ops.fused_linear_cross_entropy`, which never materialises
+            the (tokens, vocab) logits: the patch-level loss and, in the token stage, the causal-LM loss. `None`
+            (default): on when training on CUDA (Triton kernel). `True`: always (on CPU its chunked torch
+            reference). `False`: never. No effect when the LM head has a bias or the model soft-caps its logits.
 
     Example:
 
@@ -67,6 +72,13 @@ class PatchTrainingArguments(TrainingArguments):
     patch_reset_optimizer: bool = field(
         default=True,
         metadata={"help": "Restart optimizer state and LR schedule (with warmup) at the switch to token level, as the paper."},
+    )
+    use_fused_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fused linear cross-entropy for the training loss (no (tokens, vocab) logits): unset = on when "
+            "training on CUDA, true = always (on CPU its chunked torch reference), false = never."
+        },
     )
 
     def __post_init__(self) -> None:

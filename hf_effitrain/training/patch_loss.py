@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
+from ..ops import fusable_lm_head, fused_linear_cross_entropy, fused_loss_enabled
 from .patch_config import validate_patch_options
 
 __all__ = ["check_causal_lm", "multi_target_cross_entropy", "patch_embeddings", "patch_level_loss", "patch_targets"]
@@ -117,7 +118,7 @@ def multi_target_cross_entropy(
     Returns:
         The scalar loss. Column k's CE is averaged over its non-ignored rows, then the K columns are averaged: the
         official code's loss, and for K=1 the stock causal-LM cross-entropy. The logits are computed once in float32
-        and one `logsumexp` serves all K targets (no K full-vocabulary log-softmaxes). Same contract as
+        and one log-softmax serves all K targets (no K full-vocabulary log-softmaxes). Same contract as
         `hf_effitrain.ops.fused_linear_cross_entropy(..., reduction="mean")`, which can replace this call.
     """
     return _cross_entropy_from_logits(F.linear(hidden, weight, bias), targets, ignore_index, softcap)
@@ -130,8 +131,8 @@ def _cross_entropy_from_logits(
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     valid = targets != ignore_index
-    picked = logits.gather(1, targets.masked_fill(~valid, 0))
-    nll = (torch.logsumexp(logits, dim=-1, keepdim=True) - picked) * valid
+    # one log-softmax serves all K targets (its backward is cheaper than logsumexp's, measured on CPU)
+    nll = -logits.log_softmax(dim=-1).gather(1, targets.masked_fill(~valid, 0)) * valid
     per_column = nll.sum(0) / valid.sum(0).clamp_min(1)
     return per_column.mean()
 
@@ -170,6 +171,7 @@ def patch_level_loss(
     attention_mask: torch.Tensor | None = None,
     *,
     labels: torch.Tensor | None = None,
+    use_fused_loss: bool | None = None,
 ) -> torch.Tensor:
     """The patch-level training loss of `model` on `input_ids` of K*T tokens (T patches).
 
@@ -181,6 +183,8 @@ def patch_level_loss(
             that is all padding is masked from attention and predicts nothing; padding tokens are never targets.
         labels (`torch.LongTensor` of shape `(B, K*T)`, *optional*): unshifted targets with -100 at tokens not to
             predict, as collators produce them; defaults to `input_ids`.
+        use_fused_loss (`bool`, *optional*): score the K targets with `hf_effitrain.ops.fused_linear_cross_entropy`
+            (same loss, no (positions, vocab) logits); `None`: on when the model is on CUDA.
 
     Returns:
         The scalar loss `(1/K) sum_k CE(logits_i, x_{(i+1)K+k})` averaged over the scored patches.
@@ -207,10 +211,15 @@ def patch_level_loss(
     targets = patch_targets(targets, patch_size, patch_mask)
     hidden = _final_hidden_states(model, head, patch_embeddings(embed(input_ids), patch_size, token_mask), patch_mask)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return _head_cross_entropy(model, head, hidden, targets.reshape(-1, patch_size))
+    return _head_cross_entropy(model, head, hidden, targets.reshape(-1, patch_size), use_fused_loss)
 
 
-def _head_cross_entropy(model: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_cross_entropy(
+    model: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, use_fused_loss: bool | None = None
+) -> torch.Tensor:
+    fused_head = fusable_lm_head(model) if fused_loss_enabled(use_fused_loss, model) else None
+    if fused_head is not None:
+        return fused_linear_cross_entropy(hidden.to(fused_head.weight.dtype), fused_head.weight, targets)
     config = getattr(extract_model_from_parallel(model), "config", None)
     text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     softcap = getattr(text_config, "final_logit_softcapping", None)

@@ -27,10 +27,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..ops import fused_causal_lm_loss, fused_loss_enabled
 from .patch_config import PatchTrainingArguments
 from .patch_data import GroupedBlockDataset, StagedBlockDataset, block_size_of, collate_blocks
 from .patch_loss import check_causal_lm, patch_level_loss
-from .patch_schedule import PATCH, TOKEN, PatchSchedule, training_flops_per_position
+from .patch_schedule import PATCH, PatchSchedule, training_flops_per_position
 
 __all__ = ["PATCH_STATE_NAME", "PatchStageCallback", "PatchTrainer"]
 
@@ -74,7 +75,9 @@ class PatchTrainer(Trainer):
     """
 
     def __init__(self, model=None, args: PatchTrainingArguments | None = None, data_collator=None, *pargs, **kwargs):
-        if args is not None and not isinstance(args, PatchTrainingArguments):
+        if args is None:
+            args = PatchTrainingArguments(output_dir="trainer_output")  # the stock Trainer's default folder
+        elif not isinstance(args, PatchTrainingArguments):
             raise TypeError(f"PatchTrainer needs PatchTrainingArguments, got {type(args).__name__}.")
         super().__init__(model, args, data_collator if data_collator is not None else collate_blocks, *pargs, **kwargs)
         if self.patch_enabled:
@@ -114,6 +117,8 @@ class PatchTrainer(Trainer):
             budget_steps = args.max_steps
         else:
             budget_steps = int(args.num_train_epochs * len(self.train_dataset) // global_batch)
+        if not self.patch_enabled:
+            budget_steps = max(budget_steps, 1)  # only used for logging: the stock loop decides the steps
         return PatchSchedule.plan(
             patch_size=args.patch_size if self.patch_enabled else 1,
             patch_fraction=args.patch_fraction if self.patch_enabled else 0.0,
@@ -179,11 +184,30 @@ class PatchTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self._patch_eval or (self.in_patch_stage and model.training)):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = self._fused_token_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss if loss is not None else super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = patch_level_loss(
-            model, inputs["input_ids"], self.args.patch_size, inputs.get("attention_mask"), labels=inputs.get("labels")
+            model,
+            inputs["input_ids"],
+            self.args.patch_size,
+            inputs.get("attention_mask"),
+            labels=inputs.get("labels"),
+            use_fused_loss=self.args.use_fused_loss,
         )
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _fused_token_loss(self, model, inputs, return_outputs, num_items_in_batch) -> torch.Tensor | None:
+        """The token stage's stock causal-LM loss through the fused linear cross-entropy (`use_fused_loss`), or None
+        for the stock path (evaluation, label smoothing, a custom loss, or a head that cannot be fused)."""
+        if return_outputs or not model.training or self.label_smoother is not None or self.compute_loss_func is not None:
+            return None
+        if not fused_loss_enabled(self.args.use_fused_loss, model):
+            return None
+        num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = fused_causal_lm_loss(model, inputs, num_items)
+        if loss is not None and self.args.average_tokens_across_devices and num_items is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as Trainer.compute_loss
+        return loss
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         if self.patch_schedule is None:

@@ -12,7 +12,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from hf_effitrain import export_pretrained
@@ -54,77 +54,85 @@ def save_expected(model, path) -> None:
     save_file({"ids": ids, "logits": logits.contiguous(), "greedy": greedy}, str(path))
 
 
-# Runs with hf_effitrain blocked. `probe` is a strategy registered at run time into the strategy table of the module
-# copy that each entry point really uses, to check that `strategy=` reaches it with the caller's generate arguments.
+# Runs with hf_effitrain blocked, once per checkpoint in JOBS. `probe` is a strategy registered at run time into the
+# strategy table of the module copy that each entry point really uses, to check that `strategy=` reaches it with the
+# caller's generate arguments.
 CHILD = """
 import json, sys, torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedTokenizerFast
 
-export_dir, expected_file = EXPORT_DIR, EXPECTED
-expected = load_file(expected_file)
-ids = expected["ids"]
-report = {}
 calls = []
 
 def probe(model, inputs=None, generation_config=None, **kwargs):
     calls.append(sorted(kwargs))
     return GenerationMixin.generate(model, inputs, generation_config=generation_config, **kwargs)
 
-def check(model, tag):
-    with torch.no_grad():
-        report[tag + "_logits_equal"] = torch.equal(model(ids).logits, expected["logits"])
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    report[tag + "_greedy_equal"] = torch.equal(out, expected["greedy"])
-
 def strategy_table(module_name):
     return sys.modules[module_name.rsplit(".", 1)[0] + ".generation_effi"].STRATEGIES
 
-remote = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
-report["remote_class"] = type(remote).__name__
-report["remote_mro"] = [c.__name__ for c in type(remote).__mro__]
-report["draft_len"] = getattr(remote.generation_config, "effi_test_draft_len", None)
-check(remote, "remote")
-strategy_table(type(remote).__module__)["probe"] = probe
-out = remote.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, strategy="probe")
-report["remote_probe_equal"] = torch.equal(out, expected["greedy"])
-report["remote_probe_calls"] = list(calls)
-try:
-    remote.generate(ids, max_new_tokens=2, strategy="no_such_strategy")
-except ValueError as error:
-    report["remote_unknown_error"] = str(error)
+def check_job(export_dir, expected_file, stock, tokenizer):
+    expected = load_file(expected_file)
+    ids, report = expected["ids"], {}
 
-if STOCK:
+    def check(model, tag):
+        with torch.no_grad():
+            report[tag + "_logits_equal"] = torch.equal(model(ids).logits, expected["logits"])
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        report[tag + "_greedy_equal"] = torch.equal(out, expected["greedy"])
+
     calls.clear()
-    stock = AutoModelForCausalLM.from_pretrained(export_dir)
-    report["stock_class"] = type(stock).__name__
-    check(stock, "stock")
-    kwargs = dict(custom_generate=export_dir, trust_remote_code=True, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    report["custom_none_equal"] = torch.equal(stock.generate(ids, **kwargs), expected["greedy"])
-    entry = stock.load_custom_generate(export_dir, trust_remote_code=True)
-    strategy_table(entry.__module__)["probe"] = probe
-    report["custom_probe_equal"] = torch.equal(stock.generate(ids, strategy="probe", **kwargs), expected["greedy"])
-    report["custom_probe_calls"] = list(calls)
+    remote = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
+    report["remote_class"] = type(remote).__name__
+    report["remote_mro"] = [c.__name__ for c in type(remote).__mro__]
+    report["draft_len"] = getattr(remote.generation_config, "effi_test_draft_len", None)
+    check(remote, "remote")
+    strategy_table(type(remote).__module__)["probe"] = probe
+    out = remote.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, strategy="probe")
+    report["remote_probe_equal"] = torch.equal(out, expected["greedy"])
+    report["remote_probe_calls"] = list(calls)
+    if stock:  # a real strategy of the package, through the model's own remote code
+        out = remote.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, strategy="tr_jacobi")
+        report["remote_tr_jacobi_equal"] = torch.equal(out, expected["greedy"])
     try:
-        stock.generate(ids, strategy="no_such_strategy", **kwargs)
+        remote.generate(ids, max_new_tokens=2, strategy="no_such_strategy")
     except ValueError as error:
-        report["custom_unknown_error"] = str(error)
+        report["remote_unknown_error"] = str(error)
 
-if TOKENIZER:
-    from transformers import PreTrainedTokenizerFast
-    try:
-        report["auto_tokenizer_ids"] = AutoTokenizer.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
-    except Exception as error:
-        report["auto_tokenizer_ids"] = repr(error)
-    report["fast_tokenizer_ids"] = PreTrainedTokenizerFast.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
-print("REPORT" + json.dumps(report))
+    if stock:
+        calls.clear()
+        stock_model = AutoModelForCausalLM.from_pretrained(export_dir)
+        report["stock_class"] = type(stock_model).__name__
+        check(stock_model, "stock")
+        kwargs = dict(custom_generate=export_dir, trust_remote_code=True, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        report["custom_none_equal"] = torch.equal(stock_model.generate(ids, **kwargs), expected["greedy"])
+        report["custom_tr_jacobi_equal"] = torch.equal(stock_model.generate(ids, strategy="tr_jacobi", **kwargs), expected["greedy"])
+        entry = stock_model.load_custom_generate(export_dir, trust_remote_code=True)
+        strategy_table(entry.__module__)["probe"] = probe
+        report["custom_probe_equal"] = torch.equal(stock_model.generate(ids, strategy="probe", **kwargs), expected["greedy"])
+        report["custom_probe_calls"] = list(calls)
+        try:
+            stock_model.generate(ids, strategy="no_such_strategy", **kwargs)
+        except ValueError as error:
+            report["custom_unknown_error"] = str(error)
+
+    if tokenizer:
+        report["fast_tokenizer_ids"] = PreTrainedTokenizerFast.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
+        try:
+            report["auto_tokenizer_ids"] = AutoTokenizer.from_pretrained(export_dir)("t5 t7 t9")["input_ids"]
+        except Exception as error:
+            report["auto_tokenizer_ids"] = repr(error)
+    return report
+
+print("REPORT" + json.dumps([check_job(**job) for job in JOBS]))
 """
 
 
-def run_child(export_dir, expected, stock: bool, tokenizer: bool) -> dict:
-    script = CHILD.replace("EXPORT_DIR", repr(str(export_dir))).replace("EXPECTED", repr(str(expected)))
-    script = script.replace("NEW_TOKENS", str(NEW_TOKENS)).replace("STOCK", str(stock)).replace("TOKENIZER", str(tokenizer))
-    proc = run_without_package(script, cwd=export_dir.parent)
+def run_child(*jobs: dict) -> list[dict]:
+    """Check each export in ONE package-free process (jobs: export_dir, expected_file, stock, tokenizer)."""
+    jobs = [{key: str(value) if isinstance(value, Path) else value for key, value in job.items()} for job in jobs]
+    script = CHILD.replace("NEW_TOKENS", str(NEW_TOKENS)).replace("JOBS", repr(jobs))
+    proc = run_without_package(script, cwd=Path(jobs[0]["export_dir"]).parent)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
     return json.loads(line[len("REPORT"):])
 
@@ -138,25 +146,36 @@ def assert_strategy_plumbing(report: dict, prefix: str) -> None:
         assert repr(name) in message
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_stock_architecture_round_trip_without_the_package(architecture, tmp_path):
-    model = tiny_model(architecture)
-    model.generation_config.effi_test_draft_len = 4  # a strategy parameter must survive the export
-    stock_name = type(model).__name__
-    export_dir = export_pretrained(model, tmp_path / "export", tokenizer=tiny_tokenizer(), model_card=CARD)
-    save_expected(model, tmp_path / "expected.safetensors")
+@pytest.fixture(scope="module")
+def stock_round_trips(tmp_path_factory):
+    """Export a tiny model of every architecture and check all of them in ONE package-free process (saves startups)."""
+    root = tmp_path_factory.mktemp("stock")
+    exports, jobs = {}, []
+    for architecture in ARCHITECTURES:
+        model = tiny_model(architecture)
+        model.generation_config.effi_test_draft_len = 4  # a strategy parameter must survive the export
+        export_dir = export_pretrained(model, root / architecture, tokenizer=tiny_tokenizer(), model_card=CARD)
+        save_expected(model, root / f"{architecture}.safetensors")
+        exports[architecture] = (type(model).__name__, export_dir)
+        jobs.append(dict(export_dir=export_dir, expected_file=root / f"{architecture}.safetensors", stock=True, tokenizer=True))
+    reports = run_child(*jobs)
+    return {architecture: (*exports[architecture], report) for architecture, report in zip(ARCHITECTURES, reports)}
 
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_stock_architecture_round_trip_without_the_package(architecture, stock_round_trips):
+    stock_name, export_dir, report = stock_round_trips[architecture]
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == architecture
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_effi.Effi{stock_name}"}
     assert not list(export_dir.glob("*.bin"))
 
-    report = run_child(export_dir, tmp_path / "expected.safetensors", stock=True, tokenizer=True)
     assert report["remote_class"] == f"Effi{stock_name}"
     assert report["remote_mro"][1:3] == ["EffiGenerationMixin", stock_name]
     assert report["stock_class"] == stock_name
     assert report["draft_len"] == 4
-    for key in ("remote_logits_equal", "remote_greedy_equal", "stock_logits_equal", "stock_greedy_equal", "custom_none_equal"):
+    equal_keys = ("logits", "greedy", "tr_jacobi")
+    for key in [f"remote_{k}_equal" for k in equal_keys] + ["stock_logits_equal", "stock_greedy_equal", "custom_none_equal", "custom_tr_jacobi_equal"]:
         assert report[key], key
     assert_strategy_plumbing(report, "remote")
     assert_strategy_plumbing(report, "custom")
@@ -254,28 +273,35 @@ def toy_model(tmp_path, monkeypatch):
     return ToyForCausalLM(ToyConfig()).eval()
 
 
-def test_custom_registered_model_round_trip_without_the_package(toy_model, tmp_path):
-    export_dir = export_pretrained(toy_model, tmp_path / "export")
-    save_expected(toy_model, tmp_path / "expected.safetensors")
-    config = json.loads((export_dir / "config.json").read_text())
+def test_custom_registered_models_round_trip_without_the_package(toy_model, tmp_path):
+    """A custom class registered for remote code (a toy one in a hub-like folder, and the package's ode_shared)."""
+    ode = tiny_model("ode_shared")
+    jobs = []
+    for name, model in (("toy", toy_model), ("ode", ode)):
+        export_pretrained(model, tmp_path / name)
+        save_expected(model, tmp_path / f"{name}.safetensors")
+        jobs.append(dict(export_dir=tmp_path / name, expected_file=tmp_path / f"{name}.safetensors", stock=False, tokenizer=False))
+    config = json.loads((tmp_path / "toy" / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_toy.ToyConfig", "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"}
-    # save_pretrained's custom_object_save follows `from .x import y` transitively: modeling -> generation_effi -> jacobi
-    shipped = {p.name for p in export_dir.glob("*.py")}
-    assert {"modeling_toy.py", "configuration_toy.py", "generation_jacobi.py"} | {p.name for p in generation_closure()} <= shipped
-    assert not (export_dir / "modeling_effi.py").exists()
-    report = run_child(export_dir, tmp_path / "expected.safetensors", stock=False, tokenizer=False)
-    assert report["remote_class"] == "ToyForCausalLM"
-    assert report["remote_logits_equal"] and report["remote_greedy_equal"]
-    assert_strategy_plumbing(report, "remote")
+    ode_config = json.loads((tmp_path / "ode" / "config.json").read_text())
+    assert ode_config["auto_map"]["AutoModelForCausalLM"] == "modeling_ode_shared.OdeSharedForCausalLM"
+    # save_pretrained's custom_object_save follows `from .x import y` transitively: modeling -> generation_effi -> ...
+    closure = {p.name for p in generation_closure()}
+    assert {"modeling_toy.py", "configuration_toy.py"} | closure <= {p.name for p in (tmp_path / "toy").glob("*.py")}
+    assert {"modeling_ode_shared.py", "configuration_ode_shared.py"} | closure <= {p.name for p in (tmp_path / "ode").glob("*.py")}
+    assert not (tmp_path / "toy" / "modeling_effi.py").exists()
+    toy_report, ode_report = run_child(*jobs)
+    assert toy_report["remote_class"] == "ToyForCausalLM" and ode_report["remote_class"] == "OdeSharedForCausalLM"
+    for report in (toy_report, ode_report):
+        assert report["remote_logits_equal"] and report["remote_greedy_equal"]
+        assert_strategy_plumbing(report, "remote")
 
 
-def test_package_ode_shared_model_exports_its_own_code(tmp_path):
-    model = tiny_model("ode_shared")
-    export_dir = export_pretrained(model, tmp_path / "export")
-    config = json.loads((export_dir / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ode_shared.OdeSharedForCausalLM"
-    assert {"modeling_ode_shared.py", "configuration_ode_shared.py", "generation_effi.py"} <= {p.name for p in export_dir.glob("*.py")}
-    assert (export_dir / "custom_generate" / "generate.py").exists()
+def test_custom_model_registered_for_another_auto_class_is_refused(toy_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(type(toy_model), "_auto_class", "AutoModel")
+    with pytest.raises(ValueError, match=r"its `_auto_class` is 'AutoModel'\): call `register_for_auto_class\('AutoModelForCausalLM'\)`"):
+        export_pretrained(toy_model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_custom_generate_folder_ships_the_entry_and_its_siblings(tmp_path):
@@ -288,10 +314,12 @@ def test_custom_generate_folder_ships_the_entry_and_its_siblings(tmp_path):
 
 
 def test_model_card_is_filled_from_the_template(tmp_path):
-    export_dir = export_pretrained(tiny_model("mistral"), tmp_path / "export", model_card=CARD)
+    details = {**CARD, "method": "MSN (noise_length=5, ahead)"}
+    export_dir = export_pretrained(tiny_model("mistral"), tmp_path / "export", model_card=details)
     card = ModelCard.load(export_dir / "README.md")
-    assert card.data.library_name == "transformers"
-    assert {"hf_effitrain", "msn", "mistral"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert set(card.data.tags) == {"hf_effitrain", "custom_code", "mistral", "msn"}
+    assert "**Method:** MSN (noise_length=5, ahead)" in card.text
     text = card.text
     assert "trust_remote_code=True" in text and 'strategy="tr_jacobi"' in text
     assert "custom_generate=" in text and "MistralForCausalLM" in text
@@ -316,8 +344,11 @@ def test_non_empty_directory_needs_overwrite(tmp_path):
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match=r"exists and is not empty; pass `overwrite=True`"):
         export_pretrained(tiny_model("llama"), target)
+    (target / "custom_generate").mkdir()
+    (target / "custom_generate" / "stale_strategy.py").write_text("")
     export_pretrained(tiny_model("llama"), target, overwrite=True)
     assert (target / "model.safetensors").exists() and (target / "notes.txt").exists()
+    assert not (target / "custom_generate" / "stale_strategy.py").exists()
 
 
 def test_bad_models_are_refused(tmp_path):
@@ -326,7 +357,16 @@ def test_bad_models_are_refused(tmp_path):
     backbone = LlamaModel(tiny_model("llama").config)
     with pytest.raises(ValueError, match="LlamaModel has no language-modeling head"):
         export_pretrained(backbone, tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    masked = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match="BertForMaskedLM is not a causal LM of transformers"):
+        export_pretrained(masked, tmp_path / "c")
+
+    class UnregisteredLlama(LlamaForCausalLM):
+        pass
+
+    with pytest.raises(ValueError, match=r"UnregisteredLlama is neither a transformers causal LM nor registered for remote code"):
+        export_pretrained(UnregisteredLlama(tiny_model("llama").config), tmp_path / "d")
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_bad_model_card_is_refused(tmp_path):
@@ -346,3 +386,17 @@ def test_require_safetensors(tmp_path):
         require_safetensors(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert require_safetensors(tmp_path) == tmp_path
+
+
+def test_custom_generate_entry_called_directly():
+    """The entry also works as a plain function `generate(model, ids, ...)`, in-process, on a stock model."""
+    from hf_effitrain.hub.custom_generate_entry import generate as entry
+
+    model, ids = tiny_model("llama"), torch.tensor(PROMPT)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(entry(model, ids, max_new_tokens=4, do_sample=False, streamer=None), expected)
+    assert torch.equal(entry(ids, model=model, max_new_tokens=4, do_sample=False), expected)
+    with pytest.raises(ValueError, match="Unknown decoding strategy 'nope'; valid strategies are"):
+        entry(model, ids, strategy="nope")
+    with pytest.raises(TypeError, match="needs the model"):
+        entry()

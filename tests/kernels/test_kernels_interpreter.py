@@ -1,5 +1,6 @@
 """On a CPU machine, run the Triton kernel tests in a fresh pytest process under TRITON_INTERPRET=1 (see conftest)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from kernels_helpers import triton_interpreter_active
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the Triton tests run directly")
 @pytest.mark.skipif(triton_interpreter_active(), reason="already inside the interpreter run")
 def test_triton_kernels_in_the_interpreter():

@@ -44,7 +44,8 @@ def test_kernel_ops_pass_opcheck(kernel_device):
     kernel = load_kernel_module("effi_linear_cross_entropy")
     hidden, weight, targets, _ = make_inputs(5, 8, 19, 2, device=kernel_device)
     coeffs = torch.rand(targets.shape, device=kernel_device)
-    torch.library.opcheck(kernel.linear_cross_entropy_forward, (hidden, weight, targets, coeffs, IGNORE, True, True), test_utils=OPCHECKS)
+    forward_args = (hidden, weight, targets, coeffs, IGNORE, True, True)
+    torch.library.opcheck(kernel.linear_cross_entropy_forward, forward_args, test_utils=OPCHECKS)
     torch.library.opcheck(kernel.linear_cross_entropy_losses, (hidden, weight, targets, IGNORE), test_utils=OPCHECKS)
 
 

@@ -20,7 +20,7 @@ from hf_effitrain.hub.generation_jacobi import (
     jacobi_generate,
     tr_jacobi_generate,
 )
-from hf_effitrain.hub.generation_jacobi_tree import DraftTree, retrieve_continuation, tr_jacobi_nodes
+from hf_effitrain.hub.generation_jacobi_tree import DraftTree, SuffixIndex, tr_jacobi_nodes
 
 STRATEGIES = ("jacobi", "tr_jacobi")
 
@@ -38,16 +38,16 @@ def _strategy(model, ids, strategy, **kwargs):
     return hf_effitrain.generate(model, ids, strategy=strategy, pad_token_id=0, **kwargs)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+_EXAMPLES = dict(
     prompt=st.lists(st.integers(0, 127), min_size=1, max_size=24),
     max_new_tokens=st.integers(1, 40),
     draft_len=st.integers(1, 8),
     depth=st.integers(1, 6),
     top_k=st.integers(1, 12),
 )
-def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
+
+
+def _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
     model = _model(architecture)
     ids = torch.tensor([prompt])
     expected = _greedy(model, ids, max_new_tokens=max_new_tokens)
@@ -55,6 +55,21 @@ def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_le
     tree = _strategy(model, ids, "tr_jacobi", max_new_tokens=max_new_tokens, tree_depth=depth, tree_top_k=top_k)
     assert torch.equal(jacobi, expected)
     assert torch.equal(tree, expected)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**_EXAMPLES)
+def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
+    _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**_EXAMPLES)
+def test_msn_exact_against_greedy_many(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
+    _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -199,6 +214,15 @@ def test_msn_decoding_errors_batch_strategy_and_attention():
         jacobi_generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, custom_generate=lambda *a, **k: None)
 
 
+def test_msn_sliding_window_jacobi_exact_and_tree_refused():
+    model = tiny_model("mistral", sliding_window=8)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    expected = _greedy(model, ids, max_new_tokens=30)
+    assert torch.equal(_strategy(model, ids, "jacobi", max_new_tokens=30), expected)
+    with pytest.raises(ValueError, match="sliding window of 8"):
+        _strategy(model, ids, "tr_jacobi", max_new_tokens=30)
+
+
 def test_msn_tree_structure_and_retrieval():
     tree = DraftTree(tr_jacobi_nodes(5, 10, 5), torch.device("cpu"), torch.float32)
     assert tree.size == 69 and tree.max_depth == 5
@@ -209,7 +233,10 @@ def test_msn_tree_structure_and_retrieval():
     assert all(visible[tree.paths[p, d], tree.paths[p, : d + 1]].all() for p in range(len(tree.paths)) for d in range(int(tree.valid[p].sum())))
     cut = tree.cut(2)
     assert cut.max_depth == 2 and cut.size == 1 + 11 + 29
-    history = torch.tensor([4, 1, 2, 3, 9, 8, 7, 6, 1, 2, 3])
-    fallback = torch.full((5,), -1)
-    assert retrieve_continuation(history, 3, 5, fallback).tolist() == [9, 8, 7, 6, 1]
-    assert retrieve_continuation(torch.tensor([5, 6, 7]), 3, 2, fallback[:2]).tolist() == [-1, -1]
+    index = SuffixIndex([4, 1, 2, 3, 9, 8, 7, 6, 1, 2], max_ngram=3)
+    assert index.lookup(5) == [3, 9, 8, 7, 6]  # earliest occurrence of the longest suffix (1, 2)
+    index.extend([5, 4])
+    assert index.lookup(5) == [1, 2, 3, 9, 8]  # only the 1-gram (4) re-occurs
+    index.extend([1, 2, 3])
+    assert index.lookup(3) == [9, 8, 7]  # 3-gram (1, 2, 3)
+    assert SuffixIndex([5, 6, 7], 3).lookup(2) == [] and SuffixIndex([7, 7], 3).lookup(4) == [7]

@@ -211,3 +211,6 @@ def test_msn_sft_cli_trains_and_exports(tmp_path, capsys):
     assert "noise_length" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ValueError, match="noise_length"):
         cli_main(argv[:-2] + ["--noise_length", "-2"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sft", "--help"])
+    assert exit_info.value.code == 0 and "--noise-length" in capsys.readouterr().out

@@ -1,7 +1,6 @@
 """`PatchTrainer`: stage switch by tokens, optimizer/scheduler reset, resume in either stage, stock equivalence, LoRA."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -35,18 +35,19 @@ NUM_WARPS = 8
 def _linear_cross_entropy_forward_kernel(
     logits_ptr,  # (rows, V), overwritten with dlogits when WRITE_GRAD
     logits_row_stride,
-    targets_ptr,  # (rows, K) int
-    coeffs_ptr,  # (rows, K) float32
-    losses_ptr,  # (rows, K) float32 out: unweighted CE per target, 0 where ignored
+    targets_ptr,  # (rows, NUM_TARGETS) int
+    coeffs_ptr,  # (rows, NUM_TARGETS) float32, 0 for ignored targets
+    losses_ptr,  # (rows, NUM_TARGETS) float32 out: unweighted CE per target, 0 where ignored
     vocab_size,
-    num_targets,
     ignore_index,
+    NUM_TARGETS: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
+    targets_row = targets_ptr + row * NUM_TARGETS
+    coeffs_row = coeffs_ptr + row * NUM_TARGETS
     # online logsumexp over V tiles, in float32 (the interpreter and bf16 arithmetic disagree otherwise)
     running_max = float("-inf")
     running_sum = 0.0
@@ -58,25 +59,25 @@ def _linear_cross_entropy_forward_kernel(
         running_max = new_max
     lse = running_max + tl.log(running_sum)
 
-    k_offs = tl.arange(0, BLOCK_K)
-    k_mask = k_offs < num_targets
-    targets = tl.load(targets_ptr + row * num_targets + k_offs, mask=k_mask, other=ignore_index).to(tl.int64)
-    valid = k_mask & (targets != ignore_index)
-    safe_targets = tl.where(valid, targets, 0)
-    target_logits = tl.load(row_ptr + safe_targets, mask=valid, other=0.0).to(tl.float32)
-    tl.store(losses_ptr + row * num_targets + k_offs, tl.where(valid, lse - target_logits, 0.0), mask=k_mask)
+    # K is small and known at launch: unrolled scalar loops keep the registers to one V tile
+    for k in tl.static_range(NUM_TARGETS):
+        target = tl.load(targets_row + k).to(tl.int64)
+        valid = target != ignore_index
+        target_logit = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(losses_ptr + row * NUM_TARGETS + k, tl.where(valid, lse - target_logit, 0.0))
 
     if WRITE_GRAD:
-        coeffs = tl.load(coeffs_ptr + row * num_targets + k_offs, mask=valid, other=0.0)
-        coeff_sum = tl.sum(coeffs, axis=0)
+        coeff_sum = 0.0
+        for k in tl.static_range(NUM_TARGETS):
+            coeff_sum += tl.load(coeffs_row + k)
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             v_mask = offs < vocab_size
             z = tl.load(row_ptr + offs, mask=v_mask, other=float("-inf")).to(tl.float32)
             grad = tl.exp(z - lse) * coeff_sum
-            # (BLOCK_K, BLOCK_V) hit matrix: repeated targets in one row simply add up
-            hits = (offs[None, :] == safe_targets[:, None]) & valid[:, None]
-            grad -= tl.sum(tl.where(hits, coeffs[:, None], 0.0), axis=0)
+            # an ignored target (never in [0, V)) has coefficient 0; repeated targets simply add up
+            for k in tl.static_range(NUM_TARGETS):
+                grad = tl.where(offs == tl.load(targets_row + k), grad - tl.load(coeffs_row + k), grad)
             tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=v_mask)
 
 
@@ -93,7 +94,6 @@ def _chunk_rows(num_rows: int, vocab_size: int, hidden_size: int) -> int:
 
 def _launch_cross_entropy(logits, targets, coeffs, losses, ignore_index: int, write_grad: bool) -> None:
     rows, vocab_size = logits.shape
-    num_targets = targets.shape[1]
     _linear_cross_entropy_forward_kernel[(rows,)](
         logits,
         logits.stride(0),
@@ -101,10 +101,9 @@ def _launch_cross_entropy(logits, targets, coeffs, losses, ignore_index: int, wr
         coeffs,
         losses,
         vocab_size,
-        num_targets,
         ignore_index,
+        NUM_TARGETS=targets.shape[1],
         BLOCK_V=min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size)),
-        BLOCK_K=max(2, triton.next_power_of_2(num_targets)),
         WRITE_GRAD=write_grad,
         num_warps=NUM_WARPS,
     )
@@ -123,7 +122,8 @@ def _chunked_loss_and_grads(hidden, weight, targets, coeffs, ignore_index, need_
         end = min(num_rows, start + chunk)
         x = hidden[start:end]
         logits = x @ weight.T  # (rows, V) in the input dtype; becomes dlogits in place
-        _launch_cross_entropy(logits, targets[start:end], coeffs[start:end], losses[start:end], ignore_index, write_grad)
+        rows = slice(start, end)
+        _launch_cross_entropy(logits, targets[rows], coeffs[rows], losses[rows], ignore_index, write_grad)
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:

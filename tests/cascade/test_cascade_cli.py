@@ -1,0 +1,51 @@
+"""`effitrain cascade-train` and `effitrain cascade-eval`: help texts and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cascade_helpers import tiny_pair, word_tokenizer
+from transformers import AutoModelForCausalLM
+
+from hf_effitrain.cli import main as effitrain
+
+
+@pytest.mark.parametrize("command", ["cascade-train", "cascade-eval"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        effitrain([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--small_model" in text and "--large_model" in text
+    assert ("--cascade_preset" in text) == (command == "cascade-train")
+    assert ("--metric METRIC" in text) == (command == "cascade-eval")
+
+
+def test_train_then_eval_end_to_end(tmp_path):
+    small, large = tiny_pair("llama")
+    tokenizer = word_tokenizer()
+    for name, model in (("small", small), ("large", large)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    g = torch.Generator().manual_seed(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(f"w{t}" for t in torch.randint(3, 128, (40,), generator=g).tolist())}) + "\n" for _ in range(40)))
+    common = ["--small_model", str(tmp_path / "small"), "--large_model", str(tmp_path / "large"), "--corpus", str(corpus),
+              "--validation_fraction", "0.25", "--block_size", "16"]
+    out_dir = tmp_path / "run"
+    assert effitrain(["cascade-train", *common, "--output_dir", str(out_dir), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                      "--cascade_preset", "paper", "--weight_large_only", "0.5", "--use_cpu", "--report_to", "none",
+                      "--save_strategy", "no", "--threshold", "-4.0"]) == 0
+    cascade = AutoModelForCausalLM.from_pretrained(out_dir / "cascade", trust_remote_code=True)
+    assert cascade.config.threshold == -4.0
+    trained = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert not torch.equal(trained.lm_head.weight, small.lm_head.weight)
+    assert torch.equal(cascade.large.lm_head.weight, large.lm_head.weight)
+    eval_dir = tmp_path / "eval"
+    assert effitrain(["cascade-eval", "--cascade", str(out_dir / "cascade"), "--corpus", str(corpus), "--validation_fraction", "0.25",
+                      "--block_size", "16", "--num_points", "3", "--output_dir", str(eval_dir)]) == 0
+    curve = json.loads((eval_dir / "deferral_curve.json").read_text())
+    assert curve["deferral_ratio"][0] == 0.0 and curve["deferral_ratio"][-1] == 1.0
+    assert (eval_dir / "deferral_curve.png").exists()
