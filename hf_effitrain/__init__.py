@@ -44,6 +44,9 @@ _LAZY_EXPORTS: dict[str, str] = {
     "CascadeForCausalLM": "hf_effitrain.hub.modeling_cascade",
     "CascadeAwareTrainer": "hf_effitrain.training.cascade_trainer",
     "CascadeAwareTrainingArguments": "hf_effitrain.training.cascade_config",
+    # kernels
+    "fused_linear_cross_entropy": "hf_effitrain.ops.linear_cross_entropy",
+    "kernelize_model": "hf_effitrain.kernel_mapping",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["register_auto_classes", "__version__"]

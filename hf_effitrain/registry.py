@@ -16,13 +16,8 @@ _AUTO_CLASSES: tuple[tuple[str, str, str, str], ...] = (
 def register_auto_classes() -> None:
     """Make `AutoConfig` / `AutoModelForCausalLM` know our model types (idempotent)."""
     for config_module, config_name, model_module, model_name in _AUTO_CLASSES:
-        try:
-            config_cls = getattr(importlib.import_module(config_module), config_name)
-            model_cls = getattr(importlib.import_module(model_module), model_name)
-        except ModuleNotFoundError as error:  # DEV ONLY: removed once issues 5 and 6 land their files
-            if error.name in (config_module, model_module):
-                continue
-            raise
+        config_cls = getattr(importlib.import_module(config_module), config_name)
+        model_cls = getattr(importlib.import_module(model_module), model_name)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
         config_cls.register_for_auto_class()

@@ -1,6 +1,7 @@
 """Shared pytest configuration: slow / gpu markers skip visibly, every test runs offline on CPU threads we control."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Corpora, tokenizers and packed datasets are cached on disk; tests share one fresh cache per session (subprocesses
+# inherit it) so that they neither read a stale user cache nor fill ~/.cache. Set HF_EFFITRAIN_CACHE to reuse one.
+os.environ.setdefault("HF_EFFITRAIN_CACHE", tempfile.mkdtemp(prefix="hf_effitrain_test_cache_"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedModel
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, PreTrainedModel
 
+from hf_effitrain.data.tokenizer import load_tokenizer
 from hf_effitrain.hub.configuration_cascade import DEFERRAL_LEVELS, DEFERRAL_RULES
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
 
@@ -51,13 +52,13 @@ def load_members(args: CascadeModelArguments) -> tuple[PreTrainedModel, PreTrain
     """Small model, large model and tokenizer from the command-line folders."""
     if args.cascade:
         cascade = AutoModelForCausalLM.from_pretrained(args.cascade, trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.cascade)
+        tokenizer = load_tokenizer(args.tokenizer or args.cascade)
         return cascade.small, cascade.large, tokenizer
     if not args.small_model or not args.large_model:
         raise ValueError("Give --small_model and --large_model (checkpoint folders), or --cascade.")
     small = AutoModelForCausalLM.from_pretrained(args.small_model, trust_remote_code=True)
     large = AutoModelForCausalLM.from_pretrained(args.large_model, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.small_model)
+    tokenizer = load_tokenizer(args.tokenizer or args.small_model)
     return small, large, tokenizer
 
 

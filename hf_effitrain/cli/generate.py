@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TextStreamer
+from transformers import AutoModelForCausalLM, HfArgumentParser, TextStreamer
 
+from ..data.tokenizer import load_tokenizer
 from ..training.pretrain import parse_config_overrides
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +45,7 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device: str =
     require_safetensors(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
     return tokenizer, model
 

@@ -107,7 +107,7 @@ def push_kernel_repo(entry: dict, private: bool = False, token: str | None = Non
 
 
 def main(argv: list[str]) -> int:
-    (args,) = HfArgumentParser(PushKernelsArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(PushKernelsArguments, prog="effitrain push-kernels").parse_args_into_dataclasses(args=argv)
     for entry in upload_plan(args):
         where = f"{entry['repo_id']} (type kernel; branches {', '.join(entry['branches'])})"
         if args.dry_run:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, HfArgumentParser
 
+from ..data.tokenizer import load_tokenizer
 from ..training.noisy_sft_config import NoisySFTConfig
 from ..training.noisy_sft_trainer import NoisySFTTrainer
 
@@ -87,7 +88,7 @@ def run_sft(args: SftArguments, config: NoisySFTConfig) -> dict[str, Any]:
     """Fine-tune (resuming from `--resume_from_checkpoint`), evaluate, save (safetensors) and optionally export."""
     from ..training.pretrain import resolve_resume_checkpoint
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
     train, validation = load_sft_splits(args)
     trainer = NoisySFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer)

@@ -12,7 +12,7 @@ from .corpus import SPLITS, load_corpus, split_of
 from .packing import pack_dataset
 from .sft_data import build_code_sft_dataset, extract_docstring_functions
 from .stats import corpus_stats, format_corpus_stats
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, minimum_vocab_size, train_tokenizer
+from .tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer, minimum_vocab_size, train_tokenizer
 
 __all__ = [
     "BOS_TOKEN",
@@ -27,5 +27,6 @@ __all__ = [
     "minimum_vocab_size",
     "pack_dataset",
     "split_of",
+    "load_tokenizer",
     "train_tokenizer",
 ]

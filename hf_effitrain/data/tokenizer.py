@@ -10,16 +10,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .cache import cache_root, fingerprint, write_atomically
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "minimum_vocab_size", "train_tokenizer"]
+__all__ = ["BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "load_tokenizer", "minimum_vocab_size", "train_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +174,16 @@ def train_tokenizer(
         write_atomically(target, lambda tmp: tokenizer.save_pretrained(str(tmp)))
         logger.info("saved the tokenizer to %s", target)
     return tokenizer
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer exactly as saved.
+
+    Our checkpoints carry a `tokenizer.json` trained by `hf_effitrain.data.train_tokenizer`. `AutoTokenizer` in
+    transformers 5 picks the class from the config's `model_type` for some types (qwen2) and rebuilds that class's
+    own pre-tokenizer, which encodes differently; `PreTrainedTokenizerFast` reads `tokenizer.json` as it is.
+    Folders without one (a Hub tokenizer) go through `AutoTokenizer`.
+    """
+    if Path(path, "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

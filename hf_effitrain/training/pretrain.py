@@ -15,7 +15,6 @@ from typing import Any
 
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -121,10 +120,10 @@ class PerplexityCallback(TrainerCallback):
 
 def load_or_train_tokenizer(args: PretrainArguments, corpus) -> PreTrainedTokenizerBase:
     """The user's tokenizer folder if given, else a byte-level BPE trained (and cached) on the corpus."""
-    from ..data import train_tokenizer
+    from ..data import load_tokenizer, train_tokenizer
 
     if args.tokenizer:
-        return AutoTokenizer.from_pretrained(args.tokenizer)
+        return load_tokenizer(args.tokenizer)
     return train_tokenizer(corpus, vocab_size=args.vocab_size)
 
 

@@ -58,7 +58,7 @@ def _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**_EXAMPLES)
 def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
     _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k)
@@ -66,7 +66,7 @@ def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_le
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**_EXAMPLES)
 def test_msn_exact_against_greedy_many(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
     _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k)

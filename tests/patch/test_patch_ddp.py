@@ -5,8 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from tests.testing_utils import repo_root
 
 SCRIPT = textwrap.dedent(
@@ -40,7 +38,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_switch_stage_in_sync(tmp_path):
     script = tmp_path / "ddp_patch.py"
     script.write_text(SCRIPT)
