@@ -221,13 +221,14 @@ def _write_generation_config(save_dir: Path, model: PreTrainedModel) -> None:
 
     A model built from a config carries `_from_model_config=True`, and `GenerationConfig.__init__` drops every
     custom entry (strategy name and parameters) of a file that says so: without this rewrite a checkpoint's
-    `strategy` / draft-length entries would silently vanish on reload.
+    `strategy` / draft-length entries would silently vanish on reload. Strategy parameters the model does not set
+    are written with their defaults (`add_strategy_defaults`), so the file shows what `strategy=` will use.
     """
+    from .hub.generation_jacobi import add_strategy_defaults
+
     if model.generation_config is None:
         return
-    generation_config = copy.deepcopy(model.generation_config)
-    generation_config._from_model_config = False
-    generation_config.save_pretrained(save_dir)
+    add_strategy_defaults(copy.deepcopy(model.generation_config)).save_pretrained(save_dir)
 
 
 def _write_custom_generate(save_dir: Path) -> None:

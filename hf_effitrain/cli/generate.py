@@ -50,8 +50,18 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device: str =
     return tokenizer, model
 
 
-def complete(model, tokenizer, prompt: str, max_new_tokens: int, strategy: str | None = None, streamer=None, **kwargs) -> tuple[str, float]:
-    """Greedy completion of `prompt` (with `strategy` if given); returns the new text and the seconds it took."""
+@dataclass
+class Completion:
+    """One completion: the new text, the seconds `generate` took and, for Jacobi strategies, the forwards it ran."""
+
+    text: str
+    seconds: float
+    num_forwards: int | None = None
+    tokens_per_forward: float | None = None
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, strategy: str | None = None, streamer=None, **kwargs) -> Completion:
+    """Greedy completion of `prompt` (with `strategy` if given), timed, with the strategy's statistics if it has any."""
     from ..hub.generation_effi import generate
 
     encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
@@ -66,11 +76,12 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, strategy: str |
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
+            return_dict_in_generate=True,
             **kwargs,
         )
     seconds = time.perf_counter() - start
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    return tokenizer.decode(sequences[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True), seconds
+    text = tokenizer.decode(output.sequences[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    return Completion(text, seconds, getattr(output, "num_forwards", None), getattr(output, "tokens_per_forward", None))
 
 
 def main(argv: list[str]) -> int:
@@ -78,10 +89,13 @@ def main(argv: list[str]) -> int:
     tokenizer, model = load_checkpoint(args.checkpoint, _DTYPES[args.dtype], args.device)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
-    text, seconds = complete(
+    completion = complete(
         model, tokenizer, prompt, args.max_new_tokens, args.strategy, streamer, **parse_config_overrides(args.generate_kwargs)
     )
     if not args.stream:
-        print(prompt + text)
-    print(json.dumps({"strategy": args.strategy or "greedy", "seconds": round(seconds, 4)}), file=sys.stderr)
+        print(prompt + completion.text)
+    stats = {"strategy": args.strategy or "greedy", "seconds": round(completion.seconds, 4)}
+    if completion.num_forwards is not None:
+        stats.update(num_forwards=completion.num_forwards, tokens_per_forward=round(completion.tokens_per_forward, 3))
+    print(json.dumps(stats), file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from hf_effitrain import export_pretrained
 from hf_effitrain.export import MODEL_CARD_KEYS, model_card_template_path, require_safetensors
 from hf_effitrain.hub.generation_effi import STRATEGIES
+from hf_effitrain.hub.generation_jacobi import STRATEGY_DEFAULTS
 from testing_utils import ARCHITECTURES, TINY_VOCAB, repo_root, run_without_package, tiny_model
 
 PROMPT = [[1, 5, 7, 9, 11, 3]]
@@ -169,6 +170,8 @@ def test_stock_architecture_round_trip_without_the_package(architecture, stock_r
     assert config["model_type"] == architecture
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_effi.Effi{stock_name}"}
     assert not list(export_dir.glob("*.bin"))
+    saved_generation = json.loads((export_dir / "generation_config.json").read_text())
+    assert {name: saved_generation.get(name) for name in STRATEGY_DEFAULTS} == STRATEGY_DEFAULTS
 
     assert report["remote_class"] == f"Effi{stock_name}"
     assert report["remote_mro"][1:3] == ["EffiGenerationMixin", stock_name]
