@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -45,5 +46,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def console_main() -> int:
+    """The `effitrain` console script: `main`, with a bad value reported as one error line (exit status 2).
+
+    Options are checked where they are defined (dataclass `__post_init__`, config and trainer constructors) and
+    raise `ValueError` naming the value and what is allowed; a user needs that line, not a traceback through
+    `HfArgumentParser`. `EFFITRAIN_TRACEBACK=1` re-raises for debugging. Other exceptions keep their traceback.
+    """
+    try:
+        return main()
+    except ValueError as error:
+        if os.environ.get("EFFITRAIN_TRACEBACK") == "1":
+            raise
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        print(f"effitrain {command}: error: {error}\n(set EFFITRAIN_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

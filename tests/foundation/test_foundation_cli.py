@@ -25,6 +25,24 @@ def test_unknown_subcommand_is_named(capsys):
     assert "unknown command 'pretrian'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "--preset", "huge", "--output_dir", "unused"], "Unknown preset 'huge'; valid presets are"),
+        (["generate", "--checkpoint", "unused", "--dtype", "float64"], "Unknown dtype 'float64'; valid dtypes are"),
+    ],
+)
+def test_console_script_reports_a_bad_value_in_one_line(argv, message, tmp_path):
+    effitrain = shutil.which("effitrain")
+    assert effitrain, "the console script is installed with the package"
+    proc = subprocess.run([effitrain, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"effitrain {argv[0]}: error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = subprocess.run([effitrain, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "EFFITRAIN_TRACEBACK": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and message in debug.stderr
+
+
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_each_subcommand_has_help(command):
     proc = subprocess.run([sys.executable, "-m", "hf_effitrain.cli", command, "--help"], capture_output=True, text=True, timeout=120)
