@@ -38,19 +38,26 @@ _LLAMA_STYLE = ("llama", "qwen2", "mistral")
 EXTRA_ARCHITECTURES: dict[str, Any] = {}
 
 
-def _ode_shared_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
-    """One shared Llama layer integrated over the preset's depth with one Euler step per layer: the same layer
-    compute as the preset's Llama at default steps, with the parameters of a single layer (issue 5)."""
+def _llama_style_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
+    """Llama-style field names (llama, qwen2, mistral and the package's `ode_shared`), untied embeddings."""
     return dict(
         vocab_size=vocab_size,
         hidden_size=preset.hidden_size,
+        num_hidden_layers=preset.num_layers,
         num_attention_heads=preset.num_heads,
         num_key_value_heads=preset.num_heads,
         intermediate_size=preset.intermediate_size,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
-        num_steps=preset.num_layers,
     )
+
+
+def _ode_shared_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
+    """One shared Llama layer integrated over the preset's depth with one Euler step per layer: the same layer
+    compute as the preset's Llama at default steps, with the parameters of a single layer (issue 5)."""
+    kwargs = _llama_style_kwargs(preset, vocab_size=vocab_size, max_positions=max_positions)
+    kwargs["num_steps"] = kwargs.pop("num_hidden_layers")
+    return kwargs
 
 
 EXTRA_ARCHITECTURES["ode_shared"] = _ode_shared_kwargs
@@ -62,16 +69,7 @@ def supported_architectures() -> list[str]:
 
 def _architecture_kwargs(architecture: str, preset: ModelPreset, vocab_size: int, max_positions: int) -> dict[str, Any]:
     if architecture in _LLAMA_STYLE:
-        return dict(
-            vocab_size=vocab_size,
-            hidden_size=preset.hidden_size,
-            num_hidden_layers=preset.num_layers,
-            num_attention_heads=preset.num_heads,
-            num_key_value_heads=preset.num_heads,
-            intermediate_size=preset.intermediate_size,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-        )
+        return _llama_style_kwargs(preset, vocab_size=vocab_size, max_positions=max_positions)
     if architecture == "gpt2":
         return dict(
             vocab_size=vocab_size,
