@@ -161,8 +161,9 @@ class OdeSharedConfig(PreTrainedConfig):
         if isinstance(self.train_num_steps_choices, str):
             self.train_num_steps_choices = _parse_int_list(self.train_num_steps_choices, "train_num_steps_choices")
         self._check_sharing()
-        if self.ode_interval is None:
-            self.ode_interval = float(sum(self.block_steps()))
+        if self.ode_interval is None:  # step size 1 at the default steps, in every block
+            steps = self.block_steps()
+            self.ode_interval = [float(n) for n in steps] if len(steps) > 1 else float(steps[0])
         self._check_solver_settings()
         super().__post_init__(**kwargs)
 

@@ -12,6 +12,7 @@ from .lm_head import (
     fused_loss_enabled,
     linear_argmax,
     lm_head_hidden_states,
+    logit_transform,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "linear_cross_entropy_naive",
     "linear_cross_entropy_reference",
     "lm_head_hidden_states",
+    "logit_transform",
     "load_kernel_module",
     "local_kernel_repo",
     "set_kernel_source",

@@ -18,7 +18,9 @@ from accelerate.utils import extract_model_from_parallel
 
 from .linear_cross_entropy import default_chunk_size, fused_linear_cross_entropy
 
-__all__ = ["fusable_lm_head", "fused_causal_lm_loss", "fused_loss_enabled", "linear_argmax", "lm_head_hidden_states"]
+__all__ = [
+    "fusable_lm_head", "fused_causal_lm_loss", "fused_loss_enabled", "linear_argmax", "lm_head_hidden_states", "logit_transform",
+]
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -31,20 +33,33 @@ def fused_loss_enabled(use_fused_loss: bool | None, model: nn.Module) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
-def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
-    """The model's LM head if a fused linear cross-entropy can replace it (a plain bias-free `nn.Linear` and no logit
-    soft-capping), else None after logging once why."""
-    inner = extract_model_from_parallel(model)
-    head = inner.get_output_embeddings()
-    config = getattr(inner, "config", None)
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """`(scale, softcap)`: what the model's forward does to `lm_head(hidden)` before its loss.
+
+    A loss computed from the head's input must do the same: Cohere multiplies the logits by `logit_scale`, Granite
+    divides them by `logits_scaling`, Gemma 2 / 3 soft-cap them with `final_logit_softcapping`
+    (`tanh(logits / c) * c`, applied after the scale). `(1.0, None)` for the plain models.
+    """
+    config = getattr(extract_model_from_parallel(model), "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(text_config, "logit_scale", None) or 1.0) / float(getattr(text_config, "logits_scaling", None) or 1.0)
+    return scale, getattr(text_config, "final_logit_softcapping", None) or None
+
+
+def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if a fused linear cross-entropy can replace it (a plain bias-free `nn.Linear`, logits not
+    scaled or soft-capped), else None after logging once why."""
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    scale, softcap = logit_transform(model)
     reason = None
     if type(head) is not nn.Linear:
         reason = f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
     elif head.bias is not None:
         reason = "the LM head has a bias"
-    elif getattr(text_config, "final_logit_softcapping", None):
+    elif softcap:
         reason = "the model soft-caps its logits"
+    elif scale != 1.0:
+        reason = f"the model scales its logits (by {scale:g})"
     if reason is None:
         return head
     if reason not in _logged:

@@ -84,6 +84,15 @@ class PatchTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         validate_patch_options(self.patch_size, self.patch_fraction)
         super().__post_init__()
+        if self.patch_training_enabled:
+            by_epoch = [name for name in ("eval_strategy", "save_strategy", "logging_strategy") if getattr(self, name) == "epoch"]
+            if by_epoch:
+                raise ValueError(
+                    f"{', '.join(f'{name}=epoch' for name in by_epoch)} is not supported with patch-level training "
+                    f"(patch_size={self.patch_size}, patch_fraction={self.patch_fraction}): the run is one staged pass "
+                    "whose steps do not follow epochs of the data, so 'epoch' would fire only at the end. Use 'steps' "
+                    "with eval_steps / save_steps / logging_steps (they count real optimizer steps)."
+                )
 
     @property
     def patch_training_enabled(self) -> bool:

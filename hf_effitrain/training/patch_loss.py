@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
-from ..ops import fusable_lm_head, fused_linear_cross_entropy, fused_loss_enabled
+from ..ops import fusable_lm_head, fused_linear_cross_entropy, fused_loss_enabled, logit_transform
 from .patch_config import validate_patch_options
 
 __all__ = ["check_causal_lm", "multi_target_cross_entropy", "patch_embeddings", "patch_level_loss", "patch_targets"]
@@ -106,6 +106,7 @@ def multi_target_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """`(1/K) * sum_k` of the mean CE of one logit row per position against K targets.
 
@@ -114,6 +115,8 @@ def multi_target_cross_entropy(
         weight (`torch.Tensor` of shape `(V, H)`): the LM head weight (`bias` its optional bias).
         targets (`torch.LongTensor` of shape `(N, K)`): target ids, `ignore_index` where not scored.
         softcap (`float`, *optional*): `tanh` logit soft-capping of models like gemma2, applied before the softmax.
+        scale (`float`, defaults to 1): factor applied to the logits first (Cohere's `logit_scale`, Granite's
+            `1 / logits_scaling`; see `hf_effitrain.ops.logit_transform`).
 
     Returns:
         The scalar loss. Column k's CE is averaged over its non-ignored rows, then the K columns are averaged: the
@@ -121,13 +124,15 @@ def multi_target_cross_entropy(
         and one log-softmax serves all K targets (no K full-vocabulary log-softmaxes). Same contract as
         `hf_effitrain.ops.fused_linear_cross_entropy(..., reduction="mean")`, which can replace this call.
     """
-    return _cross_entropy_from_logits(F.linear(hidden, weight, bias), targets, ignore_index, softcap)
+    return _cross_entropy_from_logits(F.linear(hidden, weight, bias), targets, ignore_index, softcap, scale)
 
 
 def _cross_entropy_from_logits(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, softcap: float | None = None
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, softcap: float | None = None, scale: float = 1.0
 ) -> torch.Tensor:
     logits = logits.float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     valid = targets != ignore_index
@@ -220,11 +225,9 @@ def _head_cross_entropy(
     fused_head = fusable_lm_head(model) if fused_loss_enabled(use_fused_loss, model) else None
     if fused_head is not None:
         return fused_linear_cross_entropy(hidden.to(fused_head.weight.dtype), fused_head.weight, targets)
-    config = getattr(extract_model_from_parallel(model), "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale, softcap = logit_transform(model)
     if type(head) is nn.Linear:
-        return multi_target_cross_entropy(hidden, head.weight, targets, head.bias, softcap=softcap)
+        return multi_target_cross_entropy(hidden, head.weight, targets, head.bias, softcap=softcap, scale=scale)
     # e.g. a LoRA-wrapped head: its weight alone is not the map it computes, so call the module itself
     _log_once(f"LM head {type(head).__name__} is not a plain nn.Linear: computing its logits by calling it.")
-    return _cross_entropy_from_logits(head(hidden), targets, softcap=softcap)
+    return _cross_entropy_from_logits(head(hidden), targets, softcap=softcap, scale=scale)

@@ -137,6 +137,12 @@ class PatchTrainer(Trainer):
         )
         if self.args.patch_reset_optimizer:
             self.optimizer.state.clear()
+            if not self._created_lr_scheduler:
+                logger.warning(
+                    "patch_reset_optimizer: optimizer state cleared at the switch, but the LR scheduler passed in "
+                    "`optimizers=` is kept as it is (only a scheduler the Trainer creates restarts per stage)."
+                )
+                return
             self.lr_scheduler = None
             self.create_scheduler(num_training_steps=s.token_steps, optimizer=self.optimizer)
             self.callback_handler.lr_scheduler = self.lr_scheduler
@@ -226,7 +232,9 @@ class PatchTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         s = self.patch_schedule
-        if self.patch_enabled and s is not None and s.stage_after(self.state.global_step) == PATCH:
+        # a dict of eval sets: the stock evaluate has called this method once per named set, patch loss included
+        named_sets = isinstance(eval_dataset if eval_dataset is not None else self.eval_dataset, dict) and not isinstance(eval_dataset, str)
+        if self.patch_enabled and s is not None and s.stage_after(self.state.global_step) == PATCH and not named_sets:
             metrics.update(self._evaluate_patch_loss(eval_dataset, metric_key_prefix))
         return metrics
 
@@ -271,6 +279,12 @@ class PatchTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.patch_enabled:
+            if self.args.ignore_data_skip:
+                raise ValueError(
+                    "ignore_data_skip=True cannot resume patch-level training: the run is one staged sequence of "
+                    "patch-level then token-level batches, so without skipping the consumed part a resumed token stage "
+                    "would read patch-stage sequences. Resume with ignore_data_skip=False."
+                )
             self._check_resumed_schedule(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
 

@@ -99,6 +99,14 @@ def test_several_shared_blocks_take_their_own_steps_and_intervals():
     assert counts == {"model.shared_blocks.0.0": 2, "model.shared_blocks.1.0": 2}
 
 
+
+@pytest.mark.parametrize("num_steps, intervals", [([1, 3], [1.0, 3.0]), (6, [3.0, 3.0]), ([2, 2], [2.0, 2.0])])
+def test_default_intervals_give_unit_steps_in_every_block(num_steps, intervals):
+    config = OdeSharedConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_shared_blocks=2, num_steps=num_steps)
+    assert config.block_intervals() == intervals
+    assert [i / n for i, n in zip(config.block_intervals(), config.block_steps())] == [1.0, 1.0]
+
+
 def test_second_order_solvers_agree_with_euler_as_steps_grow():
     """All three solvers approximate the same ODE: at many small steps they get close to each other."""
     logits = {s: tiny_ode(num_steps=2, ode_interval=2.0, solver=s)(IDS, num_steps=64).logits for s in ("euler", "heun", "midpoint")}

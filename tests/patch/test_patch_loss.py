@@ -88,6 +88,33 @@ def test_patch_size_one_is_the_stock_causal_lm_loss(arch):
     torch.testing.assert_close(patch_level_loss(model, ids, 1, mask, labels=labels), stock_padded, rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("use_fused_loss", [False, True])
+@pytest.mark.parametrize(
+    "config_cls, model_cls, scaling",
+    [("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}), ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.0625})],
+)
+def test_models_that_scale_their_logits_keep_the_stock_loss(config_cls, model_cls, scaling, use_fused_loss):
+    """Granite divides the head's output by `logits_scaling`, Cohere multiplies it by `logit_scale`: the loss computed
+    from the head's input must do the same (the fused path falls back to the logits path for such models)."""
+    import transformers
+
+    from hf_effitrain.ops import fused_causal_lm_loss
+
+    config = getattr(transformers, config_cls)(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, **scaling,
+    )
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # trained-looking logits, so that a missing scale shows clearly
+        model.get_output_embeddings().weight.mul_(20)
+    ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    stock = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(patch_level_loss(model, ids, 1, use_fused_loss=use_fused_loss), stock, rtol=1e-5, atol=1e-5)
+    if use_fused_loss:
+        assert fused_causal_lm_loss(model, {"input_ids": ids, "labels": ids}) is None  # the trainer then uses the stock loss
+
+
 def test_gradients_reach_embeddings_and_head():
     model = tiny_model("gpt2").train()
     ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))

@@ -271,3 +271,40 @@ def test_iterable_dataset_is_refused(tmp_path):
 def test_budget_without_a_patch_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match="less than one patch-level step"):
         make_trainer(tmp_path, max_steps=3).train()
+
+
+def test_named_eval_sets_each_get_token_and_patch_loss(tmp_path):
+    trainer = PatchTrainer(
+        model=tiny_model("llama").train(), args=patch_args(tmp_path, eval_strategy="steps", eval_steps=2),
+        train_dataset=blocks(64), eval_dataset={"code": blocks(8, seed=1), "docs": blocks(8, seed=2)},
+    )
+    trainer.train()
+    logged = set().union(*(r.keys() for r in trainer.state.log_history))
+    assert {"eval_code_loss", "eval_docs_loss", "eval_code_patch_loss", "eval_docs_patch_loss"} <= logged
+
+
+@pytest.mark.parametrize("strategy", ["eval_strategy", "save_strategy", "logging_strategy"])
+def test_epoch_strategies_are_refused_with_patch_training(tmp_path, strategy):
+    with pytest.raises(ValueError, match=f"{strategy}=epoch is not supported with patch-level training"):
+        patch_args(tmp_path, **{strategy: "epoch"})
+    assert patch_args(tmp_path, patch_fraction=0.0, **{strategy: "epoch"}).patch_training_enabled is False  # stock run: fine
+
+
+def test_resume_without_data_skip_is_refused(tmp_path):
+    make_trainer(tmp_path, callbacks=[StopAt(6)]).train()
+    with pytest.raises(ValueError, match="ignore_data_skip=True cannot resume patch-level training"):
+        make_trainer(tmp_path, ignore_data_skip=True).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_a_scheduler_passed_by_the_user_is_kept_at_the_switch(tmp_path):
+    model = tiny_model("llama").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    recorder = Recorder()
+    trainer = PatchTrainer(
+        model=model, args=patch_args(tmp_path), train_dataset=blocks(64), optimizers=(optimizer, constant), callbacks=[recorder],
+    )
+    trainer.train()
+    assert trainer.lr_scheduler is constant
+    assert [r["learning_rate"] for r in trainer.state.log_history if "loss" in r] == [1e-3] * 12
+    assert [row[1] for row in recorder.rows] == [1.0, 2.0, 3.0, 4.0, *range(1, 9)]  # optimizer state still restarts
