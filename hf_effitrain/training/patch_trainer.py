@@ -40,6 +40,13 @@ logger = logging.getLogger(__name__)
 PATCH_STATE_NAME = "patch_training_state.json"
 
 
+def _rows_look_like_blocks(dataset: Any, block_size: int, samples: int = 64) -> bool:
+    """Whether evenly spaced rows of `dataset` all hold `block_size` tokens (a cheap check for a stock run, whose
+    tokens / FLOPs logging assumes packed blocks; a patch run checks every row it reads)."""
+    indices = sorted({round(i * (len(dataset) - 1) / max(samples - 1, 1)) for i in range(samples)})
+    return all(len(dataset[int(i)]["input_ids"]) == block_size for i in indices)
+
+
 class PatchStageCallback(TrainerCallback):
     """Switches its trainer from the patch to the token stage at the end of the last patch-level step."""
 
@@ -112,6 +119,9 @@ class PatchTrainer(Trainer):
             if self.patch_enabled:
                 raise
             return None  # stock run on unpacked data: nothing to plan, nothing extra to log
+        if not self.patch_enabled and not _rows_look_like_blocks(self.train_dataset, block_size):
+            logger.info("Training rows are not equal-length blocks: no train_tokens / train_flops logging for this run.")
+            return None
         global_batch = self.get_total_train_batch_size(args)
         if args.max_steps > 0:
             budget_steps = args.max_steps

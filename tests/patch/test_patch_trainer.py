@@ -308,3 +308,13 @@ def test_a_scheduler_passed_by_the_user_is_kept_at_the_switch(tmp_path):
     assert trainer.lr_scheduler is constant
     assert [r["learning_rate"] for r in trainer.state.log_history if "loss" in r] == [1e-3] * 12
     assert [row[1] for row in recorder.rows] == [1.0, 2.0, 3.0, 4.0, *range(1, 9)]  # optimizer state still restarts
+
+
+def test_stock_run_on_unequal_rows_logs_no_token_accounting(tmp_path):
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 8 + [[1, 2]] * 8})
+    args = patch_args(tmp_path, patch_fraction=0.0, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    collate = lambda batch: {"input_ids": torch.tensor([r["input_ids"] for r in batch]), "labels": torch.tensor([r["input_ids"] for r in batch])}
+    trainer = PatchTrainer(model=tiny_model("llama").train(), args=args, train_dataset=rows, data_collator=collate)
+    trainer.train()
+    assert trainer.patch_schedule is None
+    assert not any("train_tokens" in r for r in trainer.state.log_history)
