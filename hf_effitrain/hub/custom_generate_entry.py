@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .generation_effi import resolve_strategy
+from .generation_effi import select_strategy
 
 __all__ = ["generate"]
 
@@ -39,7 +39,8 @@ def generate(*args: Any, model=None, strategy: str | None = None, **kwargs: Any)
             keyword, the first positional argument is the model.
         model (`PreTrainedModel`): the model to decode with.
         strategy (`str`, *optional*): a strategy name of `generation_effi.STRATEGIES`; `None` falls back to the
-            generation config's `strategy` entry, then to the model class's own `generate`.
+            passed generation config's `strategy` entry, then to the model's, then to the model class's own
+            `generate` (`generation_effi.select_strategy`).
         **kwargs: `generate` arguments (`generation_config`, `max_new_tokens`, `attention_mask`, ...).
     Returns:
         What `model.generate` returns.
@@ -56,10 +57,7 @@ def generate(*args: Any, model=None, strategy: str | None = None, **kwargs: Any)
     model_class_generate = type(model).generate  # never `model.generate`: it may be the partial bound to this function
     if _has_effi_dispatch(model):
         return model_class_generate(model, *args, strategy=strategy, **kwargs)
-    if strategy is None:
-        config = kwargs.get("generation_config")
-        config = config if config is not None else getattr(model, "generation_config", None)
-        strategy = getattr(config, "strategy", None)
-    if strategy is None or kwargs.get("custom_generate") is not None:
+    chosen = select_strategy(model, strategy, kwargs.get("generation_config"), kwargs.get("custom_generate"))
+    if chosen is None:
         return model_class_generate(model, *args, **kwargs)
-    return resolve_strategy(strategy)(model, *args, **kwargs)
+    return chosen(model, *args, **kwargs)

@@ -30,33 +30,50 @@ def resolve_strategy(name: str) -> Callable[..., Any]:
     return STRATEGIES[name]
 
 
+def select_strategy(model, strategy: str | None = None, generation_config=None, custom_generate=None) -> Callable[..., Any] | None:
+    """The one rule every entry point follows to pick a decoding strategy: its function, or None for plain `generate`.
+
+    In order: an explicit `strategy`; else the `strategy` entry of the passed `generation_config`; else that of the
+    model's own `generation_config` (the checkpoint's default, e.g. `"cascade"` for a `CascadeForCausalLM`), just as
+    transformers fills a passed config's unset fields from the model's. None when none is set, or when a
+    `custom_generate` is given (that call is the custom loop's: a strategy's own inner `generate`).
+
+    Raises:
+        ValueError: for an unknown strategy name, listing the valid ones.
+    """
+    if custom_generate is not None:
+        return None
+    if strategy is None:
+        strategy = getattr(generation_config, "strategy", None)
+    if strategy is None:
+        strategy = getattr(getattr(model, "generation_config", None), "strategy", None)
+    return None if strategy is None else resolve_strategy(strategy)
+
+
 def generate(model, inputs=None, strategy: str | None = None, generation_config=None, **kwargs):
     """Decode with `strategy` on any causal LM of transformers (the package's public `hf_effitrain.generate`).
 
     Args:
         model (`PreTrainedModel`): any model with a language-modeling head and `GenerationMixin`.
         inputs (`torch.LongTensor` of shape `(batch, seq)`, *optional*): prompt ids.
-        strategy (`str`, *optional*): one of `STRATEGIES`; `None` falls back to the generation config's
-            `strategy` entry, then to plain `model.generate`.
+        strategy (`str`, *optional*): one of `STRATEGIES`; `None` falls back to the passed generation config's
+            `strategy` entry, then to the model's generation config's, then to plain `model.generate`
+            (see `select_strategy`).
         generation_config (`GenerationConfig`, *optional*): as for `model.generate`.
     Returns:
         What `model.generate` returns: the sequences tensor, or a `GenerateOutput` with `return_dict_in_generate=True`.
     """
-    if strategy is None:
-        config = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-        strategy = getattr(config, "strategy", None)
-    if strategy is None:
+    chosen = select_strategy(model, strategy, generation_config, kwargs.get("custom_generate"))
+    if chosen is None:
         return model.generate(inputs, generation_config=generation_config, **kwargs)
-    return resolve_strategy(strategy)(model, inputs, generation_config=generation_config, **kwargs)
+    return chosen(model, inputs, generation_config=generation_config, **kwargs)
 
 
 class EffiGenerationMixin:
-    """Adds `generate(..., strategy=...)` in front of a transformers `GenerationMixin` model."""
+    """Adds `generate(..., strategy=...)` in front of a transformers `GenerationMixin` model (see `select_strategy`)."""
 
     def generate(self, inputs=None, generation_config=None, strategy: str | None = None, **kwargs):
-        if strategy is None:
-            config = generation_config if generation_config is not None else getattr(self, "generation_config", None)
-            strategy = getattr(config, "strategy", None)
-        if strategy is None or kwargs.get("custom_generate") is not None:
+        chosen = select_strategy(self, strategy, generation_config, kwargs.get("custom_generate"))
+        if chosen is None:
             return super().generate(inputs, generation_config=generation_config, **kwargs)
-        return resolve_strategy(strategy)(self, inputs, generation_config=generation_config, **kwargs)
+        return chosen(self, inputs, generation_config=generation_config, **kwargs)

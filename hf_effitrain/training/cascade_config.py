@@ -25,8 +25,9 @@ class CascadeAwareTrainingArguments(TrainingArguments):
             Override the preset's distillation term towards the large model's softened distribution.
         precompute_large_predictions (`bool`, *optional*, defaults to `False`):
             Compute the large model's greedy predictions once with `datasets.map` (cached with the dataset) instead
-            of running it on every batch; saves the large forward over several epochs. Not usable with distillation,
-            which needs the large model's full distribution.
+            of running it on every batch; saves the large forward over several epochs. Each row's predictions are
+            placed on the batch's attended positions (its `attention_mask`), whatever side the collator pads on. Not
+            usable with distillation, which needs the large model's full distribution.
         large_batch_size (`int`, *optional*, defaults to 16):
             Batch size of that precomputation.
         use_fused_loss (`bool`, *optional*):

@@ -61,24 +61,55 @@ def add_large_predictions(dataset: Dataset, large_model: PreTrainedModel, batch_
 
 
 class _PadLargePredictions:
-    """Wraps a data collator: pads the `large_predictions` lists of a batch like its `input_ids` (value -100)."""
+    """Wraps a data collator: lays the `large_predictions` lists of a batch out like its `input_ids` (value -100).
 
-    def __init__(self, collator, padding_side: str = "right"):
-        self.collator, self.padding_side = collator, padding_side
+    Each row's predictions go to the positions where the collated batch's `attention_mask` is 1, in order, so the
+    result is right whatever side the collator pads on (a tokenizer's `padding_side`, a custom collator, ...).
+    Predictions that a row's own `attention_mask` marks as padding (rows padded before collation) are dropped first.
+    Without an `attention_mask` in the batch, rows must already have the batch's width.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        predictions = [f.pop(LARGE_PREDICTIONS) for f in features] if LARGE_PREDICTIONS in features[0] else None
+        if LARGE_PREDICTIONS not in features[0]:
+            return self.collator(features)
+        predictions = []
+        for feature in features:
+            row = torch.as_tensor(feature.pop(LARGE_PREDICTIONS), dtype=torch.long).reshape(-1)
+            own_mask = feature.get("attention_mask")
+            if own_mask is not None:
+                own_mask = torch.as_tensor(own_mask).reshape(-1).bool()
+                if own_mask.shape[0] == row.shape[0]:
+                    row = row[own_mask]
+            predictions.append(row)
         batch = self.collator(features)
-        if predictions is not None:
-            width = batch["input_ids"].shape[1]
-            padded = torch.full((len(predictions), width), -100, dtype=torch.long)
+        width = batch["input_ids"].shape[1]
+        padded = torch.full((len(predictions), width), -100, dtype=torch.long)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            lengths = sorted({row.shape[0] for row in predictions})
+            if lengths != [width]:
+                raise ValueError(
+                    f"Cannot place the precomputed `{LARGE_PREDICTIONS}` in the batch: its rows have lengths {lengths}, "
+                    f"the collated `input_ids` width {width}, and the collator returned no `attention_mask` telling "
+                    "where each row's tokens are. Use a collator that returns `attention_mask`, or precompute_large_predictions=False."
+                )
             for i, row in enumerate(predictions):
-                row = torch.as_tensor(row, dtype=torch.long)[:width]
-                if self.padding_side == "left":
-                    padded[i, width - row.shape[0] :] = row
-                else:
-                    padded[i, : row.shape[0]] = row
-            batch[LARGE_PREDICTIONS] = padded
+                padded[i] = row
+        else:
+            mask = torch.as_tensor(mask).bool()
+            for i, row in enumerate(predictions):
+                positions = mask[i].nonzero().flatten()
+                if positions.shape[0] != row.shape[0]:
+                    raise ValueError(
+                        f"Cannot place the precomputed `{LARGE_PREDICTIONS}` of batch row {i}: {row.shape[0]} predictions "
+                        f"for {positions.shape[0]} attended tokens (did the collator truncate or add tokens?). Use "
+                        "precompute_large_predictions=False with such a collator."
+                    )
+                padded[i, positions] = row
+        batch[LARGE_PREDICTIONS] = padded
         return batch
 
 
@@ -117,8 +148,7 @@ class CascadeAwareTrainer(Trainer):
                 self.train_dataset = add_large_predictions(self.train_dataset, large_model, args.large_batch_size)
             if isinstance(self.eval_dataset, Dataset):
                 self.eval_dataset = add_large_predictions(self.eval_dataset, large_model, args.large_batch_size)
-            side = getattr(self.processing_class, "padding_side", "right")
-            self.data_collator = _PadLargePredictions(self.data_collator, side)
+            self.data_collator = _PadLargePredictions(self.data_collator)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

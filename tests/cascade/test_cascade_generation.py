@@ -121,3 +121,46 @@ def test_cascade_strategy_on_plain_model_raises():
     small, _ = tiny_pair("llama")
     with pytest.raises(ValueError, match="cascade model"):
         cascade_generate(small, prompts()[0], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("deferral", ["sequence", "token"])
+def test_user_generation_config_keeps_the_cascade_strategy(deferral):
+    # Regression: a passed GenerationConfig has no `strategy`, and `generate` used to fall to plain generate (small
+    # model only, no deferral, no cascade_stats) instead of the checkpoint's default strategy.
+    from transformers import GenerationConfig
+
+    from hf_effitrain.hub import custom_generate_entry, generation_effi
+
+    small, large = tiny_pair("llama")
+    ids, mask = prompts()
+    cascade = CascadeForCausalLM.from_models(small, large, deferral=deferral, threshold=math.inf)
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
+    expected = large.generate(ids, attention_mask=mask, generation_config=config)
+    assert not torch.equal(expected, small.generate(ids, attention_mask=mask, generation_config=config))
+    entry_points = (
+        lambda: cascade.generate(ids, attention_mask=mask, generation_config=config),
+        lambda: generation_effi.generate(cascade, ids, generation_config=config, attention_mask=mask),
+        lambda: custom_generate_entry.generate(ids, model=cascade, generation_config=config, attention_mask=mask),
+    )
+    for run in entry_points:
+        if hasattr(cascade, "cascade_stats"):
+            del cascade.cascade_stats
+        assert torch.equal(run(), expected)
+        assert cascade.cascade_stats["deferral"] == deferral and cascade.cascade_stats["deferred_share"] == 1.0
+    assert not hasattr(config, "strategy")  # the user's config is left as it was
+
+
+def test_select_strategy_order():
+    from transformers import GenerationConfig
+
+    from hf_effitrain.hub.generation_effi import STRATEGIES, select_strategy
+
+    small, _ = tiny_pair("llama")
+    assert select_strategy(small) is None and select_strategy(small, None, GenerationConfig()) is None
+    small.generation_config.strategy = "tr_jacobi"  # the checkpoint's default
+    assert select_strategy(small, None, GenerationConfig()) is STRATEGIES["tr_jacobi"]
+    assert select_strategy(small, None, GenerationConfig(strategy="jacobi")) is STRATEGIES["jacobi"]
+    assert select_strategy(small, "cascade", GenerationConfig(strategy="jacobi")) is STRATEGIES["cascade"]
+    assert select_strategy(small, "jacobi", custom_generate=lambda *a, **k: None) is None
+    with pytest.raises(ValueError, match="valid strategies"):
+        select_strategy(small, "beam")

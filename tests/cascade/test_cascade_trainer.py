@@ -148,3 +148,49 @@ def test_precomputed_predictions_for_rows_of_different_lengths():
     data = add_large_predictions(Dataset.from_dict({"input_ids": rows}), large, batch_size=3)
     for ids, predictions in zip(rows, data["large_predictions"]):
         assert predictions == large(input_ids=torch.tensor([ids])).logits.argmax(-1)[0].tolist()
+
+
+def test_precomputed_predictions_follow_a_left_padding_collator_without_processing_class(tmp_path):
+    # Regression: the padding side used to be read from `processing_class`; with only a left-padding collator the
+    # predictions landed on pad positions and real tokens got -100, silently changing the case weights.
+    from transformers import DataCollatorForLanguageModeling
+
+    small, large = tiny_pair("llama")
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    rows = [[5, 9, 14, 3, 20, 21], [7, 8, 30], [11, 12, 13, 14]]
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    common = dict(large_model=large, train_dataset=data, data_collator=collator)
+    cached = CascadeAwareTrainer(model=small, args=_args(tmp_path / "a", cascade_preset="paper", precompute_large_predictions=True), **common)
+    on_the_fly = CascadeAwareTrainer(model=small, args=_args(tmp_path / "b", cascade_preset="paper"), **common)
+    batch = cached.data_collator([cached.train_dataset[i] for i in range(len(rows))])
+    for i, row in enumerate(rows):  # each row's predictions sit on its real (right-aligned) tokens
+        expected = large(input_ids=torch.tensor([row])).logits.argmax(-1)[0]
+        assert torch.equal(batch["large_predictions"][i, -len(row) :], expected)
+        assert (batch["large_predictions"][i, : -len(row)] == -100).all()
+    plain_batch = on_the_fly.data_collator([data[i] for i in range(len(rows))])
+    assert "large_predictions" not in plain_batch
+    with torch.no_grad():
+        loss_cached = cached.compute_loss(small, batch)
+        loss_fly = on_the_fly.compute_loss(small, plain_batch)
+    torch.testing.assert_close(loss_cached, loss_fly)
+
+
+def test_precomputed_predictions_without_attention_mask_need_equal_lengths(tmp_path):
+    small, large = tiny_pair("llama")
+
+    def collate_without_mask(features):
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.tensor([[0] * (width - len(f["input_ids"])) + list(f["input_ids"]) for f in features])
+        return {"input_ids": ids, "labels": ids.masked_fill(ids == 0, -100)}
+
+    data = Dataset.from_dict({"input_ids": [[5, 9, 14, 3], [7, 8]]})
+    trainer = CascadeAwareTrainer(
+        model=small, args=_args(tmp_path, cascade_preset="paper", precompute_large_predictions=True), large_model=large,
+        train_dataset=data, data_collator=collate_without_mask,
+    )
+    with pytest.raises(ValueError, match="attention_mask"):
+        trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    equal = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[0]])
+    assert torch.equal(equal["large_predictions"][1], large(input_ids=torch.tensor([[5, 9, 14, 3]])).logits.argmax(-1)[0])
