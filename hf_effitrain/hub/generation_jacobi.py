@@ -23,6 +23,7 @@ This file ships inside checkpoints (`hub/`): it imports only stdlib, torch, tran
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import GenerationMixin
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+from transformers.generation.logits_process import SynthIDTextWatermarkLogitsProcessor, UnbatchedClassifierFreeGuidanceLogitsProcessor
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .generation_jacobi_tree import DraftTree, SuffixIndex, chain_nodes, tr_jacobi_nodes
@@ -58,6 +60,12 @@ STRATEGY_DEFAULTS: dict[str, int] = {
 }
 _NON_NEGATIVE = {"draft_seed"}
 _ATTENTION_WITH_CUSTOM_MASKS = ("eager", "sdpa")
+# Logits processors that keep state across calls (they expect exactly one call per generated token); the strategies
+# call the processors once per draft node, so with these the output would silently differ from greedy's.
+_STATEFUL_PROCESSORS = {
+    UnbatchedClassifierFreeGuidanceLogitsProcessor: "guidance_scale",
+    SynthIDTextWatermarkLogitsProcessor: "watermarking_config",
+}
 
 
 def add_strategy_defaults(generation_config: GenerationConfig) -> GenerationConfig:
@@ -116,6 +124,7 @@ def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str
     if kwargs.get("do_sample"):
         raise ValueError(f"Strategy {strategy!r} is greedy only (exact greedy decoding); got do_sample=True.")
     streamer = kwargs.pop("streamer", None)
+    generation_config = _move_stop_strings_to_criteria(model, generation_config, kwargs)
 
     def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         return _decode_loop(
@@ -125,6 +134,38 @@ def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str
 
     # `GenerationMixin.generate` directly: the model's own `generate` may be a strategy dispatcher (recursion).
     return GenerationMixin.generate(model, inputs, generation_config=generation_config, custom_generate=loop, streamer=streamer, **kwargs)
+
+
+def _move_stop_strings_to_criteria(model, generation_config, kwargs: dict[str, Any]):
+    """Turn `stop_strings` into a `StopStringCriteria` in `kwargs["stopping_criteria"]`, and return the config to pass.
+
+    With a callable `custom_generate`, transformers drops the `tokenizer` argument before building the stopping
+    criteria, so `stop_strings` would fail there: the criterion is built here (what greedy `generate` builds) and the
+    config the call uses gets `stop_strings=None`. Precedence as in `generate`: keyword > `generation_config` > model's.
+    """
+    tokenizer = kwargs.pop("tokenizer", None)
+    from_kwargs = kwargs.pop("stop_strings", None)
+    from_config = getattr(generation_config, "stop_strings", None)
+    from_model = getattr(getattr(model, "generation_config", None), "stop_strings", None)
+    stop_strings = next((value for value in (from_kwargs, from_config, from_model) if value is not None), None)
+    if stop_strings is None:
+        return generation_config
+    if tokenizer is None:
+        raise ValueError(
+            "There are one or more stop strings, either in the arguments to `generate` or in the model's generation "
+            "config, but we could not locate a tokenizer. When generating with stop strings, you must pass the "
+            "model's tokenizer to the `tokenizer` argument of `generate`."
+        )
+    if from_config is not None:
+        generation_config = copy.deepcopy(generation_config)
+        generation_config.stop_strings = None
+    if from_model is not None:
+        kwargs["stop_strings"] = None  # `generate` would fill a missing value in from the model's generation config
+    criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+    if not any(type(criterion) is StopStringCriteria for criterion in criteria):  # a user's own one wins, as in generate
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    kwargs["stopping_criteria"] = criteria
+    return generation_config
 
 
 def jacobi_generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
@@ -195,20 +236,26 @@ class _Stopper:
             else:
                 self.generic.append(criterion)
 
-    def keep(self, sequence: torch.Tensor, tokens: list[int], scores) -> tuple[int, bool]:
-        """(how many of `tokens` to append to `sequence`, whether generation ends after them)."""
+    def keep(self, sequence: torch.Tensor, tokens: list[int], scores, step_scores=()) -> tuple[int, bool]:
+        """(how many of `tokens` to append to `sequence`, whether generation ends after them).
+
+        `scores` is the tuple collected so far (None when scores are not collected) and `step_scores` the scores of
+        `tokens`: as in `_sample`, the criteria for token `i` see the scores up to and including token `i`'s.
+        """
         length = sequence.shape[1]
         for i, token in enumerate(tokens):
             done = length + i + 1 >= self.max_length or token in self.eos
             if self.generic and not done:
                 candidate = torch.cat([sequence, sequence.new_tensor(tokens[: i + 1])[None]], dim=1)
-                done = bool(torch.stack([c(candidate, scores).reshape(-1)[0] for c in self.generic]).any())
+                seen = None if scores is None else scores + tuple(step_scores[: i + 1])
+                done = bool(torch.stack([c(candidate, seen).reshape(-1)[0] for c in self.generic]).any())
             if done:
                 return i + 1, True
         return len(tokens), False
 
 
-def _check_cache(cache, strategy: str, max_length: int, model) -> None:
+def _check_cache(cache, strategy: str, max_length: int, model, offset: int = 0) -> None:
+    """Refuse what cannot be rolled back; `offset`: prompt positions given as `inputs_embeds` (not in `max_length`)."""
     if not isinstance(cache, DynamicCache):
         raise ValueError(
             f"Strategy {strategy!r} rolls the cache back and needs a DynamicCache, got {type(cache).__name__} "
@@ -217,10 +264,11 @@ def _check_cache(cache, strategy: str, max_length: int, model) -> None:
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             raise ValueError(f"Strategy {strategy!r} cannot roll back cache layers of type {type(layer).__name__} ({type(model).__name__}).")
-        if strategy == "tr_jacobi" and isinstance(layer, DynamicSlidingWindowLayer) and max_length >= layer.sliding_window:
+        if strategy == "tr_jacobi" and isinstance(layer, DynamicSlidingWindowLayer) and offset + max_length > layer.sliding_window:
+            embeds = f" + {offset} `inputs_embeds` positions" if offset else ""
             raise ValueError(
                 f"tr_jacobi's tree mask covers full attention only; {type(model).__name__} has a sliding window of "
-                f"{layer.sliding_window} tokens, shorter than max_length={max_length}. Use strategy 'jacobi' or fewer tokens."
+                f"{layer.sliding_window} tokens, shorter than max_length={max_length}{embeds}. Use strategy 'jacobi' or fewer tokens."
             )
     cache.activate_past_recording()  # sliding-window layers keep their states until `crop`
 
@@ -259,9 +307,20 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         raise ValueError(f"Strategy {strategy!r} does not return attentions or hidden states.")
     if not model_kwargs.get("use_cache", True):
         raise ValueError(f"Strategy {strategy!r} needs use_cache=True.")
+    for processor in logits_processor:
+        origin = next((flag for kind, flag in _STATEFUL_PROCESSORS.items() if isinstance(processor, kind)), None)
+        if origin is not None:
+            raise ValueError(
+                f"Strategy {strategy!r} cannot use {type(processor).__name__} (from `{origin}`): "
+                f"it keeps state across calls and expects one call per generated token, while the strategy applies the "
+                f"logits processors to every draft, so the output would silently differ from greedy's. Use strategy=None."
+            )
     cache = model_kwargs.get("past_key_values")
     stopper = _Stopper(stopping_criteria, stopping_criteria.max_length or generation_config.max_length)
-    _check_cache(cache, strategy, stopper.max_length, model)
+    # A prompt given as `inputs_embeds` fills the cache without appearing in `input_ids` (nor in `max_length`).
+    embeds = model_kwargs.get("inputs_embeds")
+    offset = max(embeds.shape[1] - input_ids.shape[1], 0) if embeds is not None else 0
+    _check_cache(cache, strategy, stopper.max_length, model, offset)
     want_dict = generation_config.return_dict_in_generate
     scores = () if want_dict and generation_config.output_scores else None
     raw_logits = () if want_dict and generation_config.output_logits else None
@@ -275,27 +334,27 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
     logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
     processed = logits_processor(input_ids, logits)
     first = torch.argmax(processed, dim=-1)
+    kept, done = stopper.keep(input_ids, first.tolist(), scores, (processed,))
     if scores is not None:
         scores += (processed,)
     if raw_logits is not None:
         raw_logits += (logits,)
     sequence = torch.cat([input_ids, first[:, None]], dim=1)
     accepted_lengths = [1]
-    kept, done = stopper.keep(input_ids, first.tolist(), scores)
     if streamer is not None:
         streamer.put(first.cpu())
+    cache_len = cache.get_seq_length()  # the prompt's positions (ids or `inputs_embeds`)
     del outputs
 
     nodes, top_k, retrieval = tree_nodes_fn()
     full_tree = DraftTree(nodes, device, dtype)
     trees = {full_tree.max_depth: full_tree}
-    cache_len = input_ids.shape[1]
     # Positions and the prompt's padding continue from what transformers prepared (left padding in a batch-1 mask).
     position = int(model_kwargs["position_ids"][0, -1]) if model_kwargs.get("position_ids") is not None else cache_len
     prompt_mask = model_kwargs.get("attention_mask")
     pad_bias = None
     if prompt_mask is not None and not bool(prompt_mask.all()):
-        pad_bias = torch.zeros(1, stopper.max_length, dtype=dtype, device=device)
+        pad_bias = torch.zeros(1, offset + stopper.max_length, dtype=dtype, device=device)
         pad_bias[:, : prompt_mask.shape[1]].masked_fill_(prompt_mask[:, :].to(device) == 0, torch.finfo(dtype).min)
     generator = torch.Generator(device=device).manual_seed(seed)
     table_width = top_k + (1 if retrieval else 0)
@@ -340,19 +399,20 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         packed = torch.cat([best.view(1), accepted[best].view(1), path_predicted[best]]).tolist()  # the one sync
         best, n_accepted = packed[0], packed[1]
         new_tokens = packed[2 : 3 + n_accepted]
-        kept, done = stopper.keep(sequence, new_tokens, scores)
         path = tree.paths[best]
-        kept_nodes = tree.paths[best, :kept]
+        step_scores = tuple(processed[path[: n_accepted + 1]].split(1)) if scores is not None else ()
+        kept, done = stopper.keep(sequence, new_tokens, scores, step_scores)
         if scores is not None:
-            scores += tuple(processed[kept_nodes].split(1))
+            scores += step_scores[:kept]
         if raw_logits is not None:
-            raw_logits += tuple(logits[kept_nodes].split(1))
+            raw_logits += tuple(logits[path[:kept]].split(1))
         sequence = torch.cat([sequence, path_predicted[best, :kept][None]], dim=1)
         accepted_lengths.append(kept)
         if index is not None and not done:
             index.extend(new_tokens[:kept])
-        if streamer is not None:
-            streamer.put(torch.tensor(new_tokens[:kept]))
+        if streamer is not None:  # one token per call, as greedy: text streamers decode at token boundaries
+            for token in new_tokens[:kept]:
+                streamer.put(torch.tensor([token]))
 
         # 5. Keep the cache of the accepted path only (the root and `kept - 1` drafts), and roll back the rest.
         source = cache_len + path[1:kept] if not tree.is_chain else path[:0]
@@ -365,8 +425,8 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         candidates = torch.topk(processed[rejected], k=min(top_k, processed.shape[-1]), dim=-1).indices if top_k > 1 else predicted[rejected][:, None]
         del out
 
-    if done and cache is not None and cache.get_seq_length() > sequence.shape[1] - 1:
-        cache.crop(-(cache.get_seq_length() - (sequence.shape[1] - 1)))
+    if done and cache is not None and cache.get_seq_length() > cache_len:
+        cache.crop(-(cache.get_seq_length() - cache_len))
     if streamer is not None:
         streamer.end()
     num_forwards = len(accepted_lengths)

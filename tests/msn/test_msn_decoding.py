@@ -142,13 +142,15 @@ def test_msn_streamer_receives_accepted_tokens():
             self.calls.append("end")
 
     model, ids = _repeating_case()
-    greedy, ours = Recorder(), Recorder()
+    greedy = Recorder()
     expected = _greedy(model, ids, max_new_tokens=24, streamer=greedy)
-    _strategy(model, ids, "tr_jacobi", max_new_tokens=24, streamer=ours)
-    assert ours.calls[0] == greedy.calls[0] == ids[0].tolist() and ours.calls[-1] == "end"
-    flat = [t for call in ours.calls[1:-1] for t in call]
-    assert flat == expected[0, ids.shape[1] :].tolist()
-    assert len(ours.calls) < len(greedy.calls)
+    for strategy in STRATEGIES:
+        ours = Recorder()
+        out = _strategy(model, ids, strategy, max_new_tokens=24, streamer=ours, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected)
+        # the prompt, then each new token exactly once and alone (as greedy: text streamers decode at token boundaries)
+        assert ours.calls == greedy.calls == [ids[0].tolist(), *[[t] for t in expected[0, ids.shape[1] :].tolist()], "end"]
+    assert out.num_forwards < 24  # tr_jacobi: several tokens per forward, still streamed one by one
 
 
 def test_msn_generation_config_fields_and_per_call_override(tmp_path):
