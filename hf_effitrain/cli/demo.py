@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..training.pretrain import PretrainArguments, run_pretrain
+from ..training.pretrain import PretrainArguments, last_complete_checkpoint, run_pretrain
 from .generate import complete, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -77,8 +76,7 @@ class TimeBudgetCallback(TrainerCallback):
 
 def demo_checkpoint_to_resume(demo: DemoArguments) -> str | None:
     """The newest checkpoint of an earlier (maybe interrupted) demo in `output_dir`, if `resume` and there is one."""
-    checkpoints = Path(demo.output_dir) / "checkpoints"
-    return get_last_checkpoint(str(checkpoints)) if demo.resume and checkpoints.is_dir() else None
+    return last_complete_checkpoint(Path(demo.output_dir) / "checkpoints") if demo.resume else None
 
 
 def demo_training_arguments(demo: DemoArguments, resume_from: str | None = None) -> TrainingArguments:
@@ -116,6 +114,7 @@ def run_demo(demo: DemoArguments) -> dict:
         block_size=demo.block_size,
         max_eval_blocks=64,
         export_dir=str(export_dir),
+        overwrite_export=True,  # the demo owns its output folder
     )
     started = time.perf_counter()
     resume_from = demo_checkpoint_to_resume(demo)

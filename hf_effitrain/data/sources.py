@@ -34,7 +34,7 @@ LOCAL_SUFFIXES = (".txt", ".py", ".jsonl", ".json")
 # folders that never hold corpus text: bytecode caches, VCS / tool folders (".git", ".tox"), and, under the stdlib,
 # the interpreter's own package folders (they belong to the `site` scope)
 _SITE_DIR_NAMES = frozenset({"site-packages", "dist-packages"})
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+_PARAGRAPH_BREAK = re.compile(r"\r?\n[ \t\r\f\v]*\n")  # a blank line, with Windows line ends too
 
 
 class SourceFile(NamedTuple):
@@ -131,13 +131,13 @@ def local_source_files(path: str | os.PathLike) -> tuple[list[SourceFile], bool]
 
 
 def read_text_file(path: Path) -> str:
-    """The UTF-8 text of `path`; raises `SkippedFile` for unreadable or non-UTF-8 files."""
+    """The UTF-8 text of `path` (a byte-order mark dropped); raises `SkippedFile` for unreadable or non-UTF-8 files."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise SkippedFile("unreadable") from error
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise SkippedFile("not UTF-8") from error
 

@@ -22,7 +22,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..models.presets import PRESETS, build_model, supported_architectures
 
@@ -47,6 +47,8 @@ class PretrainArguments:
         block_size (`int`, *optional*, defaults to 512): tokens per training sequence.
         max_eval_blocks (`int`, *optional*, defaults to 256): validation blocks used for eval loss.
         export_dir (`str`, *optional*): export the final model Hub-ready there (`export_pretrained`).
+        overwrite_export (`bool`, *optional*, defaults to `False`): allow a non-empty `export_dir` (checked before
+            training, so a long run does not end in an error).
     """
 
     # model
@@ -73,6 +75,7 @@ class PretrainArguments:
     max_eval_blocks: int | None = field(default=256, metadata={"help": "Validation blocks used for the eval loss."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenization (datasets.map)."})
     export_dir: str | None = field(default=None, metadata={"help": "Export the final model Hub-ready to this folder."})
+    overwrite_export: bool = field(default=False, metadata={"help": "Allow --export_dir to be a non-empty folder."})
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -83,6 +86,16 @@ class PretrainArguments:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}.")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise ValueError(f"max_eval_blocks must be >= 1 or None, got {self.max_eval_blocks}.")
+        export = Path(self.export_dir) if self.export_dir else None
+        if export is not None and export.is_dir() and any(export.iterdir()) and not self.overwrite_export:
+            raise ValueError(
+                f"export_dir {self.export_dir!r} exists and is not empty; pass --overwrite_export to write over it "
+                "(files of a previous export are replaced) or choose another folder."
+            )
+        if self.init_from:
+            from ..export import require_safetensors
+
+            require_safetensors(self.init_from)
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
@@ -119,11 +132,15 @@ class PerplexityCallback(TrainerCallback):
 
 
 def load_or_train_tokenizer(args: PretrainArguments, corpus) -> PreTrainedTokenizerBase:
-    """The user's tokenizer folder if given, else a byte-level BPE trained (and cached) on the corpus."""
+    """The user's tokenizer folder if given, else the `init_from` checkpoint's own tokenizer (its ids are what the
+    loaded embeddings mean), else a byte-level BPE trained (and cached) on the corpus."""
     from ..data import load_tokenizer, train_tokenizer
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
+    if args.init_from and Path(args.init_from, "tokenizer.json").is_file():
+        logger.info("Using the tokenizer of the init_from checkpoint %s (--vocab_size is ignored).", args.init_from)
+        return load_tokenizer(args.init_from)
     return train_tokenizer(corpus, vocab_size=args.vocab_size)
 
 
@@ -141,6 +158,12 @@ def build_pretrain_model(args: PretrainArguments, tokenizer: PreTrainedTokenizer
             **parse_config_overrides(args.config_overrides),
         }
         model = build_model(args.preset, args.architecture, **config_kwargs)
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > model_vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model {args.init_from!r} embeds only {model_vocab}; "
+            "use the checkpoint's own tokenizer (--tokenizer) or a smaller --vocab_size."
+        )
     max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_positions is not None and args.block_size > max_positions:
         raise ValueError(
@@ -165,13 +188,27 @@ def prepare_datasets(args: PretrainArguments, tokenizer: PreTrainedTokenizerBase
     return train, validation
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that holds `trainer_state.json` and safetensors weights.
+
+    `Trainer` writes a checkpoint folder in place, so a run killed while saving leaves a newest folder without its
+    state or weights; transformers' `get_last_checkpoint` goes by folder names only. Skipped folders are logged.
+    """
+    folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
+    for candidate in sorted(folders, key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True):
+        if (candidate / "trainer_state.json").is_file() and any(candidate.glob("*.safetensors")):
+            return str(candidate)
+        logger.warning("Skipping incomplete checkpoint %s (no trainer_state.json or safetensors weights).", candidate)
+    return None
+
+
 def resolve_resume_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint latest` picks the newest checkpoint in `output_dir` (None when there is none)."""
+    """`--resume_from_checkpoint latest` picks the newest complete checkpoint in `output_dir` (None when there is none)."""
     value = training_args.resume_from_checkpoint
     if value in (None, ""):
         return None
     if value == "latest":
-        found = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        found = last_complete_checkpoint(training_args.output_dir)
         if found is None:
             logger.warning("No checkpoint found in %s: starting from scratch.", training_args.output_dir)
         return found
@@ -280,4 +317,4 @@ def export_run(model, tokenizer, args: PretrainArguments, training_args: Trainin
         "data": f"corpus={args.corpus} scope={args.scope} max_files={args.max_files}",
         "results": {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
     }
-    return export_pretrained(model, args.export_dir, tokenizer=tokenizer, model_card=card, overwrite=True)
+    return export_pretrained(model, args.export_dir, tokenizer=tokenizer, model_card=card, overwrite=args.overwrite_export)

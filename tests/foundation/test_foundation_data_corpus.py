@@ -151,6 +151,15 @@ def test_single_files_split_by_row(tmp_path):
     assert sum(len(corpus[s]) for s in SPLITS) == 20  # the duplicate record is dropped
 
 
+def test_windows_line_ends_and_byte_order_mark(tmp_path):
+    text_file = tmp_path / "notes.txt"
+    _write(text_file, "\ufeff" + "\r\n\r\n".join(f"paragraph {i}\r\nline" for i in range(20)))
+    corpus = load_corpus(text_file, validation_fraction=0.0, test_fraction=0.0)
+    texts = sorted(corpus["train"]["text"])
+    assert len(texts) == 20
+    assert all(not t.endswith("\r") and not t.startswith("\ufeff") for t in texts)
+
+
 def test_datasets_builder_source_gets_missing_splits(tmp_path):
     data = tmp_path / "rows.jsonl"
     _write(data, "\n".join(json.dumps({"body": f"document number {i}"}) for i in range(200)))

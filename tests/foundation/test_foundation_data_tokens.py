@@ -24,6 +24,7 @@ from hf_effitrain.data import (
     pack_dataset,
     train_tokenizer,
 )
+from hf_effitrain.data.encoding import encode_texts
 
 VOCAB = 600
 
@@ -114,7 +115,9 @@ def test_max_train_chars_trains_on_a_sample(corpus, cache_dir, caplog):
 
 
 def _expected_stream(tokenizer, texts):
-    return list(itertools.chain.from_iterable(tokenizer.encode(t) + [tokenizer.eos_token_id] for t in texts))
+    return list(
+        itertools.chain.from_iterable(tokenizer.encode(t, split_special_tokens=True) + [tokenizer.eos_token_id] for t in texts)
+    )
 
 
 def test_pack_dataset_blocks(tokenizer):
@@ -129,6 +132,16 @@ def test_pack_dataset_blocks(tokenizer):
     assert sum(row.count(tokenizer.eos_token_id) for row in packed["input_ids"]) == stream[: len(packed) * 16].count(
         tokenizer.eos_token_id
     )
+
+
+def test_special_token_text_inside_a_document_is_not_a_separator(tokenizer):
+    texts = [f's{i} = "{EOS_TOKEN}{BOS_TOKEN}"\n' for i in range(40)]
+    documents = encode_texts(tokenizer, texts)
+    assert all(tokenizer.eos_token_id not in ids and tokenizer.bos_token_id not in ids for ids in documents)
+    assert [tokenizer.decode(ids) for ids in documents] == texts
+    packed = pack_dataset(Dataset.from_dict({"text": texts}), tokenizer, block_size=8)
+    stream = list(itertools.chain.from_iterable(list(packed["input_ids"])))
+    assert stream == list(itertools.chain.from_iterable(ids + [tokenizer.eos_token_id] for ids in documents))[: len(stream)]
 
 
 def test_pack_dataset_dict_multiprocess_and_collator(tokenizer, corpus):

@@ -13,6 +13,7 @@ from hf_effitrain.models.presets import PRESETS, build_config, build_model
 from hf_effitrain.training.pretrain import (
     PretrainArguments,
     build_pretrain_model,
+    last_complete_checkpoint,
     parse_config_overrides,
     run_pretrain,
     training_arguments_class,
@@ -119,3 +120,49 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     again = load_file(interrupted_dir / "model.safetensors")
     for name, tensor in full.items():
         torch.testing.assert_close(again[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_killed_while_saving_is_skipped_on_resume(tmp_path):
+    reference = run_pretrain(*_tiny_run(tmp_path / "full"))
+    run_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(*_tiny_run(run_dir), callbacks=(StopAfter(5),))
+    # the save of step 4 was cut short: its folder exists but lacks its state and optimizer files
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+        (run_dir / "checkpoint-4" / name).unlink()
+    assert last_complete_checkpoint(run_dir) == str(run_dir / "checkpoint-2")
+    resumed = run_pretrain(*_tiny_run(run_dir, resume="latest"))
+    assert resumed["global_step"] == reference["global_step"] == 6
+    full, again = load_file(tmp_path / "full" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    for name, tensor in full.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_non_empty_export_dir_is_refused_before_training(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="export_dir .* exists and is not empty; pass --overwrite_export"):
+        PretrainArguments(preset="tiny", export_dir=str(export))
+    assert PretrainArguments(preset="tiny", export_dir=str(export), overwrite_export=True).overwrite_export
+
+
+def test_init_from_needs_safetensors_and_keeps_the_checkpoint_tokenizer(tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickled weights"):
+        PretrainArguments(preset="tiny", init_from=str(pickled))
+
+    first_args, first_training = _tiny_run(tmp_path / "first")
+    first_args.export_dir = str(tmp_path / "first_export")
+    first_training.max_steps = 2
+    run_pretrain(first_args, first_training)
+    # vocab_size left at its default (8192): the checkpoint's 320-token tokenizer must be used, not a new BPE
+    args = PretrainArguments(preset="tiny", scope="stdlib", max_files=40, block_size=32, max_eval_blocks=8, init_from=first_args.export_dir)
+    _, training = _tiny_run(tmp_path / "second")
+    training.max_steps = 2
+    summary = run_pretrain(args, training)
+    assert summary["global_step"] == 2
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["vocab_size"] == 320
