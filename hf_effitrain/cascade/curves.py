@@ -21,6 +21,7 @@ alone, so full deferral costs `1 + small/large`.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -187,10 +188,14 @@ def _curve(metric, level, rule, sweep, small_scores, large_scores, flops_per_tok
 def _cached_teacher_forced(model, rows, batch_size, cache: dict | None) -> dict[str, torch.Tensor]:
     if cache is None:
         return _teacher_forced(model, rows, batch_size)
-    key = (id(model), rows.data_ptr(), tuple(rows.shape))
-    if key not in cache:
-        cache[key] = _teacher_forced(model, rows, batch_size)
-    return cache[key]
+    # keyed by the model object itself (a weak reference: a freed model's id can be reused by a new one) and by the
+    # rows' content (a Dataset gives a fresh tensor on every call)
+    for model_ref, cached_rows, result in cache.setdefault("teacher_forced", []):
+        if model_ref() is model and cached_rows.shape == rows.shape and torch.equal(cached_rows, rows):
+            return result
+    result = _teacher_forced(model, rows, batch_size)
+    cache["teacher_forced"].append((weakref.ref(model), rows, result))
+    return result
 
 
 def _text_curve(small, large, rows, metric, level, rule, quantile, num_points, batch_size, cache) -> DeferralCurve:
@@ -350,8 +355,8 @@ def deferral_curve(
         num_points (`int`): threshold quantiles between the two end points.
         max_new_tokens (`int`, *optional*): `"exact_match"` decoding budget; default: each batch's longest reference.
         cache (`dict`, *optional*): text metrics only: pass one dict to several calls to run each model over the
-            same `eval_data` tensor once (e.g. one large model against several small ones, or both metrics). Keyed by
-            model object, so do not reuse it after a model's weights change.
+            same `eval_data` once (e.g. one large model against several small ones, or both metrics). Keyed by the
+            model object and the rows' content, so do not reuse it after a model's weights change in place.
 
     Returns:
         [`DeferralCurve`]; its first point (threshold `-inf`) is the small model alone and its last (`+inf`) the large.

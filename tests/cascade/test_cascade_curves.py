@@ -115,3 +115,19 @@ def test_errors():
         a = deferral_curve(cascade, _rows(2, 6), num_points=2)
         b = deferral_curve(cascade, _rows(2, 6), metric="token_loss", num_points=2)
         plot_deferral_curves({"a": a, "b": b}, "unused.png")
+
+
+def test_a_shared_cache_never_mixes_models_and_is_hit_by_equal_rows():
+    small, large = _sharpened_pair()
+    other_small, _ = tiny_pair("llama")
+    rows = _rows()
+    calls = {"large": 0}
+    hook = large.register_forward_hook(lambda *args: calls.__setitem__("large", calls["large"] + 1))
+    cache: dict = {}
+    for member in (small, other_small):
+        cascade = CascadeForCausalLM.from_models(member, large)
+        cached = deferral_curve(cascade, rows.clone(), metric="token_accuracy", level="token", num_points=4, cache=cache)
+        fresh = deferral_curve(cascade, rows, metric="token_accuracy", level="token", num_points=4)
+        assert cached.quality == fresh.quality and cached.deferral_ratio == fresh.deferral_ratio
+    hook.remove()
+    assert calls["large"] == 1 + 2  # once through the shared cache (equal rows, another tensor), twice uncached
