@@ -22,7 +22,7 @@ from kernels import (
     use_kernel_mapping,
 )
 
-from .ops.kernel_loading import kernel_source, local_kernel_repo
+from .ops.kernel_loading import KernelLoadError, kernel_source, load_kernel_module, local_kernel_repo
 
 __all__ = [
     "LAYER_KERNELS",
@@ -75,6 +75,12 @@ def restore_eager_forwards(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _model_kernel_names(model: torch.nn.Module) -> list[str]:
+    """The package's kernel repos that the hub-kernel layers of `model` map to (sorted, each once)."""
+    layer_names = {getattr(type(module), "kernel_layer_name", None) for module in model.modules()}
+    return sorted({LAYER_KERNELS[name][0] for name in layer_names if name in LAYER_KERNELS})
+
+
 def _no_kernel_reason(device: str) -> str | None:
     if device not in ("cuda", "rocm", "cpu"):
         return f"there is no kernel for device {device!r}"
@@ -97,8 +103,9 @@ def kernelize_model(
         mode (`kernels.Mode`, *optional*): defaults to `Mode.TRAINING` if `model.training` else `Mode.INFERENCE`.
         device (`str`, *optional*): device type to kernelize for; defaults to the model's parameters' device.
         use_fallback (`bool` or `KernelizeFallback`, *optional*, defaults to `True`): as in `kernels.kernelize`
-            (keep the eager forward where no mapping fits; a kernel that fails to load raises unless
-            `KernelizeFallback.ALL`).
+            (keep the eager forward where no mapping fits). A kernel repo of the package that does not load
+            (`KernelLoadError`: a wheel install without local kernel repos, an unreachable Hub repo, a broken
+            build) logs a warning and keeps the eager forwards, unless `use_fallback=False` (then it raises).
 
     `kernelize` swaps instance forwards and leaves the classes untouched; on a device without kernels (CPU
     without `TRITON_INTERPRET=1`, MPS, ...) this logs why and restores the eager forwards
@@ -112,5 +119,15 @@ def kernelize_model(
     if reason is not None:
         logger.info("kernelize_model: the eager forwards are used because %s", reason)
         return restore_eager_forwards(model)
-    with use_kernel_mapping(effi_kernel_mapping((device,)), inherit_mapping=True):
+    try:
+        mapping = effi_kernel_mapping((device,))
+        # load the model's kernel repos first (cached), so a repo that does not load is one clear, caught error
+        for kernel_name in _model_kernel_names(model):
+            load_kernel_module(kernel_name)
+    except KernelLoadError as error:
+        if use_fallback is False or use_fallback == KernelizeFallback.NONE:
+            raise
+        logger.warning("kernelize_model: the eager forwards are used because %s", error)
+        return restore_eager_forwards(model)
+    with use_kernel_mapping(mapping, inherit_mapping=True):
         return kernelize(model, mode=mode, device=device, use_fallback=use_fallback)

@@ -5,11 +5,16 @@ of the source checkout (editable installs), or the folder named by `EFFI_KERNELS
 `kernels/`, so wheel installs either set `EFFI_KERNELS_DIR` to a checkout's `kernels/` folder or name a Hub repo
 with `set_kernel_source(name, repo_id=..., version=...)`, which loads with `kernels.get_kernel`; the library's
 `LOCAL_KERNELS="org/repo=/abs/path"` then redirects that repo to a local folder as it documents.
+
+Without `EFFI_KERNELS_DIR`, the default folder is used only if it really holds the package's kernel repos (in a
+wheel install `<package>/../kernels` is `<site-packages>/kernels`, the `kernels` library itself); otherwise loading
+raises a `KernelLoadError` that says how to point the package at its kernels. A failed load is remembered per
+kernel (the same `KernelLoadError` is raised again without retrying, so a training loop does not retry a Hub
+round-trip every step) until `set_kernel_source` or `load_kernel_module.cache_clear()`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +55,27 @@ class KernelSource:
 _SOURCES: dict[str, KernelSource] = {}
 
 
+def _holds_kernel_repos(folder: Path) -> bool:
+    """Whether `folder` holds (at least one of) the package's kernel repos, not some other `kernels` folder."""
+    return any((folder / name / "build.toml").is_file() for name in KERNEL_NAMES)
+
+
 def local_kernels_dir() -> Path:
-    """The folder holding one kernel repo per op: `$EFFI_KERNELS_DIR`, else the checkout's `kernels/`."""
-    return Path(os.environ.get("EFFI_KERNELS_DIR") or _CHECKOUT_KERNELS_DIR)
+    """The folder holding one kernel repo per op: `$EFFI_KERNELS_DIR`, else the checkout's `kernels/`.
+
+    Raises `KernelLoadError` when `EFFI_KERNELS_DIR` is unset and the installation has no local kernel repos (a
+    wheel install: the default path would be the `kernels` library's own package folder).
+    """
+    override = os.environ.get("EFFI_KERNELS_DIR")
+    if override:
+        return Path(override)
+    if not _holds_kernel_repos(_CHECKOUT_KERNELS_DIR):
+        raise KernelLoadError(
+            f"this installation has no local kernel repositories ({_CHECKOUT_KERNELS_DIR} does not hold "
+            f"{', '.join(KERNEL_NAMES)}; a wheel does not ship `kernels/`): set EFFI_KERNELS_DIR to a checkout's "
+            "`kernels/` folder or use `hf_effitrain.ops.set_kernel_source(name, repo_id, ...)` to load from the Hub"
+        )
+    return _CHECKOUT_KERNELS_DIR
 
 
 def local_kernel_repo(name: str) -> Path:
@@ -89,20 +112,23 @@ def _expected_variant() -> str:
     return f"torch-{backend}"
 
 
-@functools.lru_cache(maxsize=None)
-def load_kernel_module(name: str) -> ModuleType:
-    """Import kernel repo `name` through `kernels` (cached); raise `KernelLoadError` saying what failed."""
+_LOADED: dict[str, ModuleType] = {}
+_FAILED: dict[str, KernelLoadError] = {}
+
+
+def _load_uncached(name: str) -> ModuleType:
     import kernels
 
     source = kernel_source(name)
-    where = source.repo_id or str(local_kernel_repo(name))
+    repo = local_kernel_repo(name) if source.repo_id is None else None  # KernelLoadError: no local repos
+    where = source.repo_id or str(repo)
     try:
-        if source.repo_id is None:
-            if not (local_kernel_repo(name) / "build").is_dir():
+        if repo is not None:
+            if not (repo / "build").is_dir():
                 raise FileNotFoundError(
                     "no build/ folder; run `python scripts/build_kernels.py` in the checkout, or set EFFI_KERNELS_DIR"
                 )
-            return kernels.get_local_kernel(local_kernel_repo(name))
+            return kernels.get_local_kernel(repo)
         return kernels.get_kernel(
             source.repo_id,
             version=source.version,
@@ -113,3 +139,31 @@ def load_kernel_module(name: str) -> ModuleType:
         raise KernelLoadError(
             f"could not load kernel repo {where!r} (variant {_expected_variant()}): {type(error).__name__}: {error}"
         ) from error
+
+
+def load_kernel_module(name: str) -> ModuleType:
+    """Import kernel repo `name` through `kernels` (cached); raise `KernelLoadError` saying what failed.
+
+    A failure is cached too: later calls re-raise the same `KernelLoadError` without trying again, until
+    `set_kernel_source` (or `load_kernel_module.cache_clear()`).
+    """
+    if name in _LOADED:
+        return _LOADED[name]
+    if name in _FAILED:
+        raise _FAILED[name].with_traceback(None)  # drop the previous raise's frames; __cause__ keeps the reason
+    try:
+        module = _load_uncached(name)
+    except KernelLoadError as error:
+        _FAILED[name] = error
+        raise
+    _LOADED[name] = module
+    return module
+
+
+def _cache_clear() -> None:
+    """Forget every loaded module and every cached failure (the next call loads again)."""
+    _LOADED.clear()
+    _FAILED.clear()
+
+
+load_kernel_module.cache_clear = _cache_clear  # the `functools.lru_cache` spelling callers and tests use

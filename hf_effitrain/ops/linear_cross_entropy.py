@@ -20,11 +20,13 @@ Reduction, exactly (`valid[n, k] = targets[n, k] != ignore_index`, `w` = `target
   cascade-aware loss keeps the stock loss scale). When no target is ignored this equals
   `sum / (N * K)`. A column with no valid target contributes 0 (where `nll_loss` would give nan).
 
-`target_weights` are constants: no gradient flows into them.
+`target_weights` are constants: no gradient flows into them. Under `torch.autocast` the call runs with autocast
+disabled: the inputs keep their dtypes and the math stays float32 (the result is float32 as without autocast).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -220,7 +222,12 @@ def linear_cross_entropy_reference(
             pieces.append(checkpoint(_chunk_target_ce, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_target_ce(*args))
-    ce = torch.cat(pieces) if pieces else hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
+    if not pieces:  # N = 0: an empty (0, K), still connected to hidden and weight when they need gradients
+        ce = hidden.new_zeros((0, targets.shape[1]), dtype=torch.float32)
+        if needs_grad:
+            ce = ce + (hidden.float().sum() + weight.float().sum()) * 0
+        return ce
+    ce = torch.cat(pieces)
     return ce * coeffs if reduction == "none" else (ce * coeffs).sum()
 
 
@@ -284,6 +291,13 @@ def _load_kernel_or_log(hidden: torch.Tensor, required: bool):
         return None
 
 
+def _autocast_disabled(device_type: str):
+    """`torch.autocast(device_type, enabled=False)`, or nothing for a device type without autocast (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -316,12 +330,16 @@ def fused_linear_cross_entropy(
             `False`: always the torch reference.
 
     Returns:
-        `torch.Tensor`: a float32 scalar, or (N, K) float32 for `reduction="none"`.
+        `torch.Tensor`: a float32 scalar, or (N, K) float32 for `reduction="none"` (also under `torch.autocast`,
+        which is disabled inside the call).
     """
     validate_linear_cross_entropy_inputs(hidden, weight, targets, target_weights, ignore_index, reduction)
     kernel = None if use_kernel is False else _load_kernel_or_log(hidden, required=bool(use_kernel))
-    if kernel is None:
-        return linear_cross_entropy_reference(hidden, weight, targets, target_weights, ignore_index, reduction)
-    return kernel.linear_cross_entropy(
-        hidden, weight, targets, target_weights, ignore_index=ignore_index, reduction=reduction
-    )
+    # the op sets its own precision (float32 math on inputs of their own dtype): autocast would change the logits'
+    # dtype under it (bf16 logits for "none", dtype clashes in the in-place gradient work for "mean"/"sum")
+    with _autocast_disabled(hidden.device.type):
+        if kernel is None:
+            return linear_cross_entropy_reference(hidden, weight, targets, target_weights, ignore_index, reduction)
+        return kernel.linear_cross_entropy(
+            hidden, weight, targets, target_weights, ignore_index=ignore_index, reduction=reduction
+        )

@@ -24,6 +24,7 @@ from hf_effitrain.ops import (
     local_kernel_repo,
     set_kernel_source,
 )
+from hf_effitrain.ops import kernel_loading
 from hf_effitrain.ops import linear_cross_entropy as lce_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,3 +141,75 @@ def test_kernelize_model_on_cpu_keeps_eager_and_says_why(monkeypatch, caplog):
         kernelize_model(model, mode=Mode.TRAINING)
     assert "forward" not in model[0].__dict__
     assert any("TRITON_INTERPRET" in r.getMessage() for r in caplog.records)
+
+
+def test_failed_load_is_cached_until_set_kernel_source(monkeypatch):
+    attempts = []
+
+    def unreachable_hub(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(kernels, "get_kernel", unreachable_hub)
+    # pretend the kernel could run here, so that loading it is what fails
+    monkeypatch.setattr(lce_module, "_kernel_unavailable_reason", lambda hidden, required: None)
+    monkeypatch.setattr(lce_module, "_logged_fallback_reasons", set())
+    set_kernel_source("effi_linear_cross_entropy", "someone/effi-linear-cross-entropy", version=1)
+    inputs = make_inputs(6, 8, 11, 1)
+    for _ in range(4):  # four training steps: one Hub attempt, then the cached failure and the torch reference
+        fused_linear_cross_entropy(*inputs[:3])
+    assert len(attempts) == 1
+    with pytest.raises(KernelLoadError, match="hub unreachable") as first:
+        load_kernel_module("effi_linear_cross_entropy")
+    with pytest.raises(KernelLoadError) as second:
+        load_kernel_module("effi_linear_cross_entropy")
+    assert second.value is first.value and len(attempts) == 1
+    set_kernel_source("effi_linear_cross_entropy", "someone/effi-linear-cross-entropy", version=2)  # clears it
+    with pytest.raises(KernelLoadError):
+        load_kernel_module("effi_linear_cross_entropy")
+    assert len(attempts) == 2
+
+
+@pytest.fixture
+def wheel_install(tmp_path, monkeypatch):
+    """The package as a wheel installs it: `<package>/../kernels` is the `kernels` library, not our kernel repos."""
+    site_kernels = tmp_path / "site-packages" / "kernels"
+    site_kernels.mkdir(parents=True)
+    (site_kernels / "__init__.py").write_text("")
+    monkeypatch.delenv("EFFI_KERNELS_DIR", raising=False)
+    monkeypatch.setattr(kernel_loading, "_CHECKOUT_KERNELS_DIR", site_kernels)
+    return site_kernels
+
+
+def test_wheel_install_without_local_repos_says_what_to_do(wheel_install, monkeypatch, caplog):
+    with pytest.raises(KernelLoadError, match="no local kernel repositories") as error:
+        kernel_loading.local_kernels_dir()
+    assert "EFFI_KERNELS_DIR" in str(error.value) and "set_kernel_source" in str(error.value)
+    with pytest.raises(KernelLoadError, match="no local kernel repositories"):
+        load_kernel_module("effi_ode_step")
+    # the default loss logs once and runs the torch reference; use_kernel=True raises
+    monkeypatch.setattr(lce_module, "_kernel_unavailable_reason", lambda hidden, required: None)
+    monkeypatch.setattr(lce_module, "_logged_fallback_reasons", set())
+    inputs = make_inputs(9, 8, 19, 2)
+    with caplog.at_level(logging.WARNING, logger=lce_module.__name__):
+        got = [loss_and_grads(fused_linear_cross_entropy, *inputs, "mean") for _ in range(2)][-1]
+    assert len([r for r in caplog.records if "no local kernel repositories" in r.getMessage()]) == 1
+    torch.testing.assert_close(got, loss_and_grads(linear_cross_entropy_reference, *inputs, "mean"))
+    with pytest.raises(KernelLoadError, match="EFFI_KERNELS_DIR"):
+        fused_linear_cross_entropy(*inputs[:3], use_kernel=True)
+    # the EFFI_KERNELS_DIR override still names the folder it is given
+    monkeypatch.setenv("EFFI_KERNELS_DIR", str(wheel_install.parent / "checkout_kernels"))
+    assert kernel_loading.local_kernels_dir() == wheel_install.parent / "checkout_kernels"
+
+
+def test_kernelize_model_keeps_eager_when_the_kernels_do_not_load(wheel_install, monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the device check passes and loading is what fails
+    model = torch.nn.Sequential(OdeStepRMSNorm(8))
+    with caplog.at_level(logging.WARNING, logger="hf_effitrain.kernel_mapping"):
+        kernelize_model(model, mode=Mode.TRAINING, device="cpu")
+    assert "forward" not in model[0].__dict__
+    assert any("no local kernel repositories" in r.getMessage() for r in caplog.records)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model[0](x, x, 0.5)[1], OdeStepRMSNorm.forward(model[0], x, x, 0.5)[1])
+    with pytest.raises(KernelLoadError, match="no local kernel repositories"):
+        kernelize_model(model, mode=Mode.TRAINING, device="cpu", use_fallback=False)

@@ -108,3 +108,33 @@ def test_bad_inputs_are_named(case):
     kwargs = dict(hidden=hidden, weight=weight, targets=targets) | overrides
     with pytest.raises(error, match=message):
         fused_linear_cross_entropy(**kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_under_autocast_matches_naive_outside(reduction, dtype):
+    inputs = make_inputs(11, 8, 23, 2, dtype=dtype, weighted=True)
+    # the forward in a bf16 autocast region, the backward after it (as torch recommends): the op turns autocast
+    # off inside and keeps the inputs' dtypes, so it computes what it computes without autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(*inputs, ignore_index=IGNORE, reduction=reduction, use_kernel=False)
+    upstream = torch.linspace(0.5, 2.0, loss.numel(), device=loss.device).reshape(loss.shape)
+    got, got_grads = loss.detach(), torch.autograd.grad((loss * upstream).sum(), inputs[:2])
+    want, want_grads = loss_and_grads(linear_cross_entropy_naive, *inputs, reduction)
+    assert got.dtype == torch.float32
+    # same float32 math on the same inputs; bf16 gradients differ by their final rounding only
+    loss_tol, grad_tol = ((1e-5, 1e-5), (1e-5, 1e-4)) if dtype == torch.float32 else ((1e-5, 1e-5), (1e-2, 1e-2))
+    torch.testing.assert_close(got, want, atol=loss_tol[0], rtol=loss_tol[1])
+    for got_grad, want_grad, param in zip(got_grads, want_grads, inputs[:2]):
+        assert got_grad.dtype == param.dtype
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=grad_tol[0], rtol=grad_tol[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_with_no_rows_is_differentiable(reduction):
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    loss = fused_linear_cross_entropy(hidden, weight, torch.zeros(0, 2, dtype=torch.long), reduction=reduction)
+    assert loss.shape == ((0, 2) if reduction == "none" else ()) and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert torch.count_nonzero(weight.grad) == 0 and hidden.grad.shape == hidden.shape

@@ -5,7 +5,12 @@ import pytest
 import torch
 from kernels_helpers import GRAD_TOL, IGNORE, LOSS_TOL, loss_and_grads, make_inputs
 
-from hf_effitrain.ops import fused_linear_cross_entropy, linear_cross_entropy_reference, load_kernel_module
+from hf_effitrain.ops import (
+    fused_linear_cross_entropy,
+    linear_cross_entropy_naive,
+    linear_cross_entropy_reference,
+    load_kernel_module,
+)
 
 
 # ----------------------------------------------------------------------------------------------- kernel vs reference
@@ -49,3 +54,23 @@ def test_kernel_ops_pass_opcheck(kernel_device):
     torch.library.opcheck(kernel.linear_cross_entropy_losses, (hidden, weight, targets, IGNORE), test_utils=OPCHECKS)
 
 
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_under_autocast_matches_naive_outside(kernel_device, reduction, dtype):
+    inputs = make_inputs(13, 16, 37, 2, dtype=dtype, device=kernel_device, weighted=True)
+    # the forward in a bf16 autocast region, the backward after it (as torch recommends): the op turns autocast
+    # off inside and keeps the inputs' dtypes, so it computes what it computes without autocast
+    with torch.autocast(kernel_device, dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(*inputs, ignore_index=IGNORE, reduction=reduction, use_kernel=True)
+    upstream = torch.linspace(0.5, 2.0, loss.numel(), device=loss.device).reshape(loss.shape)
+    got, got_grads = loss.detach(), torch.autograd.grad((loss * upstream).sum(), inputs[:2])
+    want, want_grads = loss_and_grads(linear_cross_entropy_naive, *inputs, reduction)
+    assert got.dtype == torch.float32
+    atol, rtol = LOSS_TOL[dtype]
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    atol, rtol = GRAD_TOL[dtype]
+    for got_grad, want_grad, param in zip(got_grads, want_grads, inputs[:2]):
+        assert got_grad.dtype == param.dtype
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=atol, rtol=rtol)

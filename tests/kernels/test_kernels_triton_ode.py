@@ -85,3 +85,31 @@ def test_kernelize_ode_shared_model_keeps_its_logits(kernel_device, monkeypatch)
             kernelize_model(model, mode=Mode.INFERENCE)
             assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, OdeStepRMSNorm))
             torch.testing.assert_close(model(input_ids).logits, eager)
+
+
+def test_kernel_layer_promotes_like_eager_under_autocast(kernel_device):
+    # autocast: the solver's update comes out of bf16 matmuls while the residual stream stays float32
+    layer = _layer(24, kernel_device)
+    project = torch.nn.Linear(24, 24).to(kernel_device)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(3, 5, 24, device=kernel_device, requires_grad=True)
+    outputs = {}
+    for name in ("eager", "kernel"):
+        if name == "kernel":
+            kernelize_model(model, mode=Mode.TRAINING, device=kernel_device)
+            assert layer.forward.__func__.__qualname__ == "EffiOdeStepRMSNorm.forward"
+        with torch.autocast(kernel_device, dtype=torch.bfloat16):
+            update = project(x)
+            assert update.dtype == torch.bfloat16 and x.dtype == torch.float32
+            result = layer(x, update, 0.37)
+        grads = torch.autograd.grad([t.float().square().sum() for t in result], (x, layer.weight, project.weight))
+        outputs[name] = result, grads
+    (got, got_grads), (want, want_grads) = outputs["kernel"], outputs["eager"]
+    atol, rtol = TOL[torch.bfloat16]
+    for got_t, want_t in zip(got, want):
+        assert got_t.dtype == want_t.dtype == torch.float32
+        torch.testing.assert_close(got_t, want_t, atol=atol, rtol=rtol)
+    atol, rtol = GRAD_TOL[torch.bfloat16]
+    for got_g, want_g in zip(got_grads, want_grads):
+        assert got_g.dtype == want_g.dtype
+        torch.testing.assert_close(got_g, want_g, atol=atol, rtol=rtol)

@@ -10,11 +10,13 @@ chunk logits with the incoming (N, K) gradient as coefficients.
 
 Reductions (`c` = per-target coefficients, 0 for ignored targets): `"sum"`: sum of w * ce; `"mean"`:
 `(1/K) sum_k sum_n w * ce / max(1, count_k)` (per-column mean over non-ignored rows, averaged over columns);
-`"none"`: the (N, K) tensor w * ce. Math runs in float32 whatever the input dtype.
+`"none"`: the (N, K) tensor w * ce. Math runs in float32 whatever the input dtype, with autocast disabled (under
+`torch.autocast` the inputs keep their dtypes and the result is the same float32 as without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -109,8 +111,26 @@ def _launch_cross_entropy(logits, targets, coeffs, losses, ignore_index: int, wr
     )
 
 
+def _autocast_disabled(device_type: str):
+    """`torch.autocast(device_type, enabled=False)`, or nothing for a device type without autocast (e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _chunked_loss_and_grads(hidden, weight, targets, coeffs, ignore_index, need_grad_hidden, need_grad_weight):
-    """(losses (N, K) float32, grad_hidden (N, H) | None, grad_weight (V, H) float32 | None) for coefficients."""
+    """(losses (N, K) float32, grad_hidden (N, H) | None, grad_weight (V, H) float32 | None) for coefficients.
+
+    Autocast off: the matmuls must keep the input dtype (`out=` buffers, in-place dlogits), also when a backward
+    that recomputes the logits runs inside an autocast region.
+    """
+    with _autocast_disabled(hidden.device.type):
+        return _chunked_loss_and_grads_impl(
+            hidden, weight, targets, coeffs, ignore_index, need_grad_hidden, need_grad_weight
+        )
+
+
+def _chunked_loss_and_grads_impl(hidden, weight, targets, coeffs, ignore_index, need_grad_hidden, need_grad_weight):
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     write_grad = need_grad_hidden or need_grad_weight
@@ -265,8 +285,14 @@ def linear_cross_entropy(
 
     Non-contiguous inputs are made contiguous (a copy). Targets outside `[0, V)` other than `ignore_index` are not
     checked here (a device sync); the caller validates them. Returns a float32 scalar, or (N, K) for `"none"`.
+    Runs with autocast disabled (the math is float32 on the inputs' own dtypes).
     """
     _check_inputs(hidden, weight, targets, target_weights, ignore_index, reduction)
+    with _autocast_disabled(hidden.device.type):
+        return _linear_cross_entropy(hidden, weight, targets, target_weights, ignore_index, reduction)
+
+
+def _linear_cross_entropy(hidden, weight, targets, target_weights, ignore_index: int, reduction: str) -> torch.Tensor:
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     if reduction == "none":
         losses = linear_cross_entropy_losses(hidden, weight, targets, ignore_index)

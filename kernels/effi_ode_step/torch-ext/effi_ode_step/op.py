@@ -106,14 +106,20 @@ ode_step_rms_norm_forward.register_autograd(_backward, setup_context=_setup_cont
 
 
 def ode_step_rms_norm(x, update, weight, step_size: float, eps: float):
-    """Fused `x_new = x + step_size * update; (x_new, rms_norm(x_new) * weight)`; inputs made contiguous."""
+    """Fused `x_new = x + step_size * update; (x_new, rms_norm(x_new) * weight)`; inputs made contiguous.
+
+    x and update of different dtypes are promoted to a common one first, as the eager formula does.
+    """
     if x.shape != update.shape or weight.shape != x.shape[-1:]:
         raise ValueError(
             f"need x and update of one shape (..., H) and weight (H,); got {tuple(x.shape)}, "
             f"{tuple(update.shape)}, {tuple(weight.shape)}"
         )
     if x.dtype != update.dtype:
-        raise TypeError(f"update dtype {update.dtype} must match hidden_states dtype {x.dtype}")
+        # as eager `x + step_size * update` promotes (autocast: a bf16 update on a float32 residual stream), so
+        # x_new and y get the eager dtypes; the cast is differentiable, gradients return in each input's dtype
+        dtype = torch.promote_types(x.dtype, update.dtype)
+        x, update = x.to(dtype), update.to(dtype)
     if x.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"the Triton kernel needs CUDA tensors, got {x.device}; on CPU set TRITON_INTERPRET=1")
     return ode_step_rms_norm_forward(x.contiguous(), update.contiguous(), weight.contiguous(), float(step_size), eps)
