@@ -21,12 +21,18 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
     "tr_jacobi": tr_jacobi_generate,
     "cascade": cascade_generate,
 }
+# The strategy name that asks for the model class's own `generate` even where the checkpoint names a default strategy
+# (`strategy=None` falls back to that default): e.g. sampling from a checkpoint whose default is "tr_jacobi".
+PLAIN = "plain"
 
 
 def resolve_strategy(name: str) -> Callable[..., Any]:
     """Return the strategy function for `name`, or raise a ValueError that lists the valid names."""
     if name not in STRATEGIES:
-        raise ValueError(f"Unknown decoding strategy {name!r}; valid strategies are {sorted(STRATEGIES)} or None (plain generate).")
+        raise ValueError(
+            f"Unknown decoding strategy {name!r}; valid strategies are {sorted(STRATEGIES)}, {PLAIN!r} (plain generate) "
+            "or None (the generation config's strategy, else plain generate)."
+        )
     return STRATEGIES[name]
 
 
@@ -35,7 +41,8 @@ def select_strategy(model, strategy: str | None = None, generation_config=None, 
 
     In order: an explicit `strategy`; else the `strategy` entry of the passed `generation_config`; else that of the
     model's own `generation_config` (the checkpoint's default, e.g. `"cascade"` for a `CascadeForCausalLM`), just as
-    transformers fills a passed config's unset fields from the model's. None when none is set, or when a
+    transformers fills a passed config's unset fields from the model's. None (plain `generate`) when none is set,
+    when the chosen name is `"plain"` (how a call opts out of a checkpoint's default strategy), or when a
     `custom_generate` is given (that call is the custom loop's: a strategy's own inner `generate`).
 
     Raises:
@@ -47,7 +54,7 @@ def select_strategy(model, strategy: str | None = None, generation_config=None, 
         strategy = getattr(generation_config, "strategy", None)
     if strategy is None:
         strategy = getattr(getattr(model, "generation_config", None), "strategy", None)
-    return None if strategy is None else resolve_strategy(strategy)
+    return None if strategy in (None, PLAIN) else resolve_strategy(strategy)
 
 
 def generate(model, inputs=None, strategy: str | None = None, generation_config=None, **kwargs):

@@ -299,7 +299,7 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
     if generation_config.do_sample or generation_config.num_beams != 1:
         raise ValueError(
             f"Strategy {strategy!r} is exact greedy decoding; got do_sample={generation_config.do_sample}, "
-            f"num_beams={generation_config.num_beams}. Use strategy=None for sampling or beam search."
+            f"num_beams={generation_config.num_beams}. Use strategy='plain' for sampling or beam search."
         )
     if input_ids.shape[0] != 1:
         raise ValueError(f"Strategy {strategy!r} supports batch size 1 only, got a batch of {input_ids.shape[0]} (num_return_sequences included).")
@@ -313,7 +313,7 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
             raise ValueError(
                 f"Strategy {strategy!r} cannot use {type(processor).__name__} (from `{origin}`): "
                 f"it keeps state across calls and expects one call per generated token, while the strategy applies the "
-                f"logits processors to every draft, so the output would silently differ from greedy's. Use strategy=None."
+                f"logits processors to every draft, so the output would silently differ from greedy's. Use strategy='plain'."
             )
     cache = model_kwargs.get("past_key_values")
     stopper = _Stopper(stopping_criteria, stopping_criteria.max_length or generation_config.max_length)

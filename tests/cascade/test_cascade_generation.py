@@ -164,3 +164,16 @@ def test_select_strategy_order():
     assert select_strategy(small, "jacobi", custom_generate=lambda *a, **k: None) is None
     with pytest.raises(ValueError, match="valid strategies"):
         select_strategy(small, "beam")
+
+
+def test_plain_opts_out_of_a_checkpoint_default_strategy():
+    from hf_effitrain.hub.generation_effi import select_strategy
+
+    small, large = tiny_pair("llama")
+    cascade = CascadeForCausalLM.from_models(small, large, threshold=float("inf"))  # default strategy: "cascade"
+    assert select_strategy(cascade, "plain") is None and select_strategy(cascade) is not None
+    ids = torch.tensor([[5, 9, 13, 2]])
+    sampled = cascade.generate(ids, strategy="plain", do_sample=True, top_k=5, max_new_tokens=6, pad_token_id=0)
+    assert sampled.shape == (1, 10) and not hasattr(cascade, "cascade_stats")  # the small model's own generate ran
+    with pytest.raises(ValueError, match="'plain' \\(plain generate\\)"):
+        cascade.generate(ids, strategy="greedy", max_new_tokens=2)

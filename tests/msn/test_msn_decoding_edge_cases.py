@@ -179,7 +179,7 @@ def test_msn_tr_jacobi_sliding_window_equal_to_max_length(architecture, extra):
 def test_msn_stateful_logits_processors_refused(kwargs, name):
     model = _model("llama")
     for strategy in STRATEGIES:
-        with pytest.raises(ValueError, match=f"{name}.*keeps state.*strategy=None"):
+        with pytest.raises(ValueError, match=f"{name}.*keeps state.*strategy='plain'"):
             _strategy(model, torch.tensor([[1, 2, 3]]), strategy, max_new_tokens=5, **kwargs)
 
 
