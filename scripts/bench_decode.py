@@ -54,9 +54,10 @@ SIZES = {
         corpus_prompts=16, max_new_tokens=64, repeats=3,
     ),
     "gpu": dict(
-        preset="small", config_overrides="", scope="all", max_files=None, vocab_size=8192, block_size=512,
+        # small preset with 8 layers: 33.7M parameters at vocab 8192 (the issue asks for >= 30M)
+        preset="small", config_overrides="num_hidden_layers=8", scope="all", max_files=None, vocab_size=8192, block_size=512,
         pretrain_steps=6000, pretrain_batch=32, pretrain_lr=1e-3, sft_steps=1500, sft_batch=16, sft_lr=3e-4,
-        sft_max_length=768, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=128, repeats=1,
+        sft_max_length=768, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=128, repeats=2,
     ),
 }
 METHODS = ("greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi")
@@ -185,8 +186,11 @@ def measure(model, tokenizer, prompts, args) -> dict:
     counter = ForwardCounter(model)
     encoded = [tokenizer(p["text"], return_tensors="pt")["input_ids"].to(model.device) for p in prompts]
     rows = {method: [] for method in METHODS}
+    # warm-up on the longest prompt at full length: the allocator, and static-cache greedy's cache (sized to the
+    # longest call so far) and auto-compiled forward on CUDA reach their final shapes here, not inside a timed call
+    longest = max(encoded, key=lambda ids: ids.shape[1])
     for method in METHODS:
-        decode(model, encoded[0], method, 8, tokenizer.pad_token_id, args.stop_at_eos)  # warm-up (allocator, static cache)
+        decode(model, longest, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos)
     for i, ids in enumerate(encoded):
         reference = None
         for method in METHODS:

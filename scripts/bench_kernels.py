@@ -87,8 +87,14 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mb(step, device) -> float:
-    """Extra peak memory of one `step()` above what is live before it."""
+def peak_memory_mb(step, device, release=None) -> float:
+    """Extra peak memory of one `step()` above what is live before it.
+
+    `release()` frees what an earlier step left behind and the step rebuilds (e.g. the gradients), before the
+    baseline is read: otherwise the step would free it first and what it allocates in its place would not count.
+    """
+    if release is not None:
+        release()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -127,10 +133,15 @@ def lce_inputs(n, h, v, k, dtype, device, seed=0):
 
 def fwd_bwd(loss_fn, hidden, weight, targets):
     def step():
-        hidden.grad = weight.grad = None
+        clear_grads(hidden, weight)
         loss_fn(hidden, weight, targets).backward()
 
     return step
+
+
+def clear_grads(*tensors) -> None:
+    for tensor in tensors:
+        tensor.grad = None
 
 
 def check_close(loss_fn, reference_fn, inputs, dtype) -> float:
@@ -163,7 +174,7 @@ def bench_linear_cross_entropy(sizes, dtype, device, repeats):
             diff = 0.0 if name == "torch" else check_close(fn, unfused_torch_loss, inputs, dtype)
             step = fwd_bwd(fn, *inputs)
             times = time_ms(step, device, repeats)
-            peak = peak_memory_mb(step, device)
+            peak = peak_memory_mb(step, device, release=lambda: clear_grads(*inputs[:2]))
             rows.append({
                 "op": "linear_cross_entropy", "provider": name, "path": effi_path if name == "effi" else name,
                 "N": n, "H": h, "V": v, "K": k, "dtype": str(dtype).removeprefix("torch."),
@@ -188,10 +199,22 @@ def bench_ode_step(sizes, dtype, device, repeats):
             "torch": lambda: layer(x, update, 0.5),
             "effi": lambda: kernel.ode_step_rms_norm(x, update, layer.weight, 0.5, layer.variance_epsilon),
         }
+        reference = None
         for name, forward in providers.items():
             def step(forward=forward):
                 x_new, y = forward()
                 (x_new.float().sum() + y.float().square().sum()).backward()
+
+            clear_grads(x, update)
+            step()
+            outputs = [t.detach().float() for t in (*forward(), x.grad, update.grad)]
+            if reference is None:
+                reference = outputs
+            else:  # outputs and gradients checked against eager before timing
+                diff = max((a - b).abs().max().item() for a, b in zip(outputs, reference))
+                tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+                if diff > tolerance:
+                    raise AssertionError(f"ode step outputs / gradients differ from eager by {diff} > {tolerance}")
 
             forward_times = time_ms(lambda forward=forward: forward(), device, repeats)
             times = time_ms(step, device, repeats)
@@ -199,7 +222,7 @@ def bench_ode_step(sizes, dtype, device, repeats):
                 "op": "ode_step_rms_norm", "provider": name, "B": batch, "T": seq, "H": hidden_size,
                 "dtype": str(dtype).removeprefix("torch."), "forward_ms_median": statistics.median(forward_times),
                 "time_ms_median": statistics.median(times), "time_ms_all": times,
-                "peak_mem_mb": peak_memory_mb(step, device),
+                "peak_mem_mb": peak_memory_mb(step, device, release=lambda: clear_grads(x, update)),
             })  # fmt: skip
             print(f"ode B={batch} T={seq} H={hidden_size} {name:6s} {rows[-1]['time_ms_median']:9.3f} ms")
     return rows
