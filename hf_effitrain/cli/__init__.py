@@ -59,7 +59,7 @@ def console_main() -> int:
         if os.environ.get("EFFITRAIN_TRACEBACK") == "1":
             raise
         command = sys.argv[1] if len(sys.argv) > 1 else ""
-        print(f"effitrain {command}: error: {error}\n(set EFFITRAIN_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        print(f"effitrain {command}: error: {error} (EFFITRAIN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -55,6 +55,8 @@ class DemoArguments:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}.")
+        if not self.prompt:
+            raise ValueError("prompt is empty; give a code prompt to complete.")
 
 
 class TimeBudgetCallback(TrainerCallback):

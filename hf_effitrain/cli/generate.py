@@ -36,6 +36,20 @@ class GenerateArguments:
             raise ValueError(f"Unknown dtype {self.dtype!r}; valid dtypes are {sorted(_DTYPES)}.")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        check_device(self.device)
+        if self.prompt is not None and not self.prompt:
+            raise ValueError("prompt is empty; give the text to complete (or leave --prompt out to read standard input).")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot use, naming what is allowed."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and not index.isdigit()) or (kind != "cuda" and index):
+        raise ValueError(f"Unknown device {device!r}; valid devices are 'auto', 'cpu', 'cuda' and 'cuda:N'.")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (index and int(index) >= count):
+            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s); use 'cpu' or 'auto'.")
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device: str = "auto"):
@@ -88,6 +102,8 @@ def main(argv: list[str]) -> int:
     (args,) = HfArgumentParser(GenerateArguments, prog="effitrain generate").parse_args_into_dataclasses(args=argv)
     tokenizer, model = load_checkpoint(args.checkpoint, _DTYPES[args.dtype], args.device)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise ValueError("the prompt read from standard input is empty; give the text to complete.")
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
     completion = complete(
         model, tokenizer, prompt, args.max_new_tokens, args.strategy, streamer, **parse_config_overrides(args.generate_kwargs)

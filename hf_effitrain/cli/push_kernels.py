@@ -71,7 +71,10 @@ def upload_plan(args: PushKernelsArguments) -> list[dict]:
     kernels_dir = Path(args.kernels_dir) if args.kernels_dir else local_kernels_dir()
     repos = [repo for repo in kernel_repos(kernels_dir) if args.kernel in (None, repo.name)]
     if not repos:
-        raise FileNotFoundError(f"no kernel repo {args.kernel or ''} (a folder with build.toml) under {kernels_dir}")
+        raise ValueError(
+            f"no kernel repo {args.kernel or ''} (a folder with build.toml) under {str(kernels_dir)!r}; valid kernels are "
+            f"{list(KERNEL_NAMES)} under a checkout's kernels/ folder (--kernels_dir)."
+        )
     plan = []
     for repo in repos:
         general = read_build_config(repo)["general"]

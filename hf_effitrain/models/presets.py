@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 
@@ -102,7 +103,8 @@ def build_config(
     """Config of the named `preset` size for `architecture`; `overrides` set any config field directly.
 
     Raises:
-        ValueError: for an unknown preset or architecture, naming the valid ones.
+        ValueError: for an unknown preset or architecture, naming the valid ones; for an override that is not a field
+            of the architecture's config (a typo would otherwise be stored silently) or a value of the wrong type.
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; valid presets are {sorted(PRESETS)}.")
@@ -111,8 +113,24 @@ def build_config(
     kwargs = _architecture_kwargs(architecture, PRESETS[preset], vocab_size, max_position_embeddings)
     special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     kwargs.update({k: v for k, v in special.items() if v is not None})
+    _check_config_fields(architecture, overrides)
     kwargs.update(overrides)
-    return AutoConfig.for_model(architecture, **kwargs)
+    try:
+        return AutoConfig.for_model(architecture, **kwargs)
+    except (TypeError, ValueError, StrictDataclassError) as error:  # huggingface_hub validates each field's type
+        raise ValueError(f"Bad config value for {architecture}: {' '.join(str(error).split())}") from error
+
+
+def _check_config_fields(architecture: str, overrides: dict[str, Any]) -> None:
+    """Refuse override keys that the architecture's config does not know, suggesting the closest known ones."""
+    import difflib
+
+    known = set(AutoConfig.for_model(architecture).to_dict()) | set(getattr(AutoConfig.for_model(architecture), "attribute_map", {}))
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {close}?" if close else f"; known fields include {sorted(known)[:12]}..."
+            raise ValueError(f"Unknown config field {key!r} for architecture {architecture!r}{hint}")
 
 
 def build_model(preset: str = "tiny", architecture: str = "llama", *, seed: int | None = None, **config_kwargs: Any) -> PreTrainedModel:

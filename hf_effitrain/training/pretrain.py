@@ -22,9 +22,9 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 
-from ..models.presets import PRESETS, build_model, supported_architectures
+from ..models.presets import PRESETS, build_config, build_model, supported_architectures
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,15 @@ class PretrainArguments:
             from ..export import require_safetensors
 
             require_safetensors(self.init_from)
+            if self.config_overrides:
+                raise ValueError(
+                    f"config_overrides {self.config_overrides!r} cannot change the init_from checkpoint "
+                    f"{self.init_from!r}: its config.json defines the model (--preset and --architecture are ignored too)."
+                )
+        if self.config_overrides and not self.init_from:  # checked now (a typo or a bad type), not after the corpus
+            build_config(self.preset, self.architecture, **parse_config_overrides(self.config_overrides))
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ValueError(f"tokenizer {self.tokenizer!r} is not a folder; give a saved tokenizer folder or leave it unset to train one.")
 
 
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
@@ -260,6 +269,7 @@ def run_pretrain(
     stats = corpus_stats(corpus, text_column=args.text_column)
     stats["packed_tokens"] = {"train": len(train) * args.block_size, "validation": len(validation) * args.block_size}
     logger.info("Corpus: %s | packed train tokens %d", format_corpus_stats(stats), stats["packed_tokens"]["train"])
+    set_seed(training_args.seed)  # the fresh model's initialisation follows --seed, as Trainer's model_init would
     model = build_pretrain_model(args, tokenizer)
     trainer = make_trainer(args, training_args, model, tokenizer, train, validation, callbacks)
     train_result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args))
@@ -307,8 +317,8 @@ def export_run(model, tokenizer, args: PretrainArguments, training_args: Trainin
                  "patch_reset_optimizer": training_args.patch_reset_optimizer}
                 if patch else {}
             ),
-            "preset": args.preset,
-            "architecture": args.architecture,
+            **({"init_from": args.init_from} if args.init_from else {"preset": args.preset}),
+            "architecture": model.config.model_type,
             "block_size": args.block_size,
             "learning_rate": training_args.learning_rate,
             "max_steps": training_args.max_steps,

@@ -30,6 +30,10 @@ def test_unknown_subcommand_is_named(capsys):
     [
         (["pretrain", "--preset", "huge", "--output_dir", "unused"], "Unknown preset 'huge'; valid presets are"),
         (["generate", "--checkpoint", "unused", "--dtype", "float64"], "Unknown dtype 'float64'; valid dtypes are"),
+        (["generate", "--checkpoint", "unused", "--device", "tpu"], "Unknown device 'tpu'; valid devices are"),
+        (["generate", "--checkpoint", "unused", "--prompt", ""], "prompt is empty"),
+        (["pretrain", "--preset", "tiny", "--config_overrides", "hiden_size=64", "--output_dir", "unused"], "Unknown config field 'hiden_size'"),
+        (["push-kernels", "--repo_id", "me", "--kernels_dir", "missing", "--dry_run"], "no kernel repo"),
     ],
 )
 def test_console_script_reports_a_bad_value_in_one_line(argv, message, tmp_path):
@@ -38,7 +42,7 @@ def test_console_script_reports_a_bad_value_in_one_line(argv, message, tmp_path)
     proc = subprocess.run([effitrain, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2
     assert f"effitrain {argv[0]}: error: {message}" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     debug = subprocess.run([effitrain, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "EFFITRAIN_TRACEBACK": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and message in debug.stderr
 

@@ -166,3 +166,35 @@ def test_init_from_needs_safetensors_and_keeps_the_checkpoint_tokenizer(tmp_path
     summary = run_pretrain(args, training)
     assert summary["global_step"] == 2
     assert json.loads((tmp_path / "second" / "config.json").read_text())["vocab_size"] == 320
+
+
+def test_seed_makes_the_run_reproducible(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        args, training = _tiny_run(tmp_path / name)
+        training.max_steps, training.save_strategy = 2, "no"
+        run_pretrain(args, training)
+        runs.append(load_file(tmp_path / name / "model.safetensors"))
+    for key, tensor in runs[0].items():
+        assert torch.equal(runs[1][key], tensor), key
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hiden_size": 64}, r"Unknown config field 'hiden_size' for architecture 'llama'; did you mean \['hidden_size'"),
+        ({"hidden_size": "abc"}, "Bad config value for llama: .*hidden_size.*expected int"),
+    ],
+)
+def test_config_overrides_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_config("tiny", "llama", **overrides)
+
+
+def test_init_from_refuses_config_overrides(tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    build_model("tiny", "llama", vocab_size=300).save_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="config_overrides 'num_hidden_layers=4' cannot change the init_from checkpoint"):
+        PretrainArguments(preset="tiny", init_from=str(checkpoint), config_overrides="num_hidden_layers=4")
+    with pytest.raises(ValueError, match="tokenizer 'missing' is not a folder"):
+        PretrainArguments(preset="tiny", tokenizer="missing")
