@@ -47,17 +47,29 @@ class CascadeModelArguments:
     threshold: float = field(default=-1.0, metadata={"help": "Defer when the score is below it (<= 0, inf or -inf)."})
     quantile: float = field(default=0.0, metadata={"help": "Alpha of chow_quantile."})
 
+    def __post_init__(self) -> None:
+        """Checkpoint folders must exist and hold safetensors weights: checked before any data work."""
+        from hf_effitrain.export import require_safetensors
+
+        for name in ("small_model", "large_model", "cascade"):
+            folder = getattr(self, name)
+            if folder is not None:
+                try:
+                    require_safetensors(folder)
+                except ValueError as error:
+                    raise ValueError(f"--{name}: {error}") from None
+
 
 def load_members(args: CascadeModelArguments) -> tuple[PreTrainedModel, PreTrainedModel, Any]:
     """Small model, large model and tokenizer from the command-line folders."""
     if args.cascade:
-        cascade = AutoModelForCausalLM.from_pretrained(args.cascade, trust_remote_code=True)
+        cascade = AutoModelForCausalLM.from_pretrained(args.cascade, trust_remote_code=True, use_safetensors=True)
         tokenizer = load_tokenizer(args.tokenizer or args.cascade)
         return cascade.small, cascade.large, tokenizer
     if not args.small_model or not args.large_model:
         raise ValueError("Give --small_model and --large_model (checkpoint folders), or --cascade.")
-    small = AutoModelForCausalLM.from_pretrained(args.small_model, trust_remote_code=True)
-    large = AutoModelForCausalLM.from_pretrained(args.large_model, trust_remote_code=True)
+    small = AutoModelForCausalLM.from_pretrained(args.small_model, trust_remote_code=True, use_safetensors=True)
+    large = AutoModelForCausalLM.from_pretrained(args.large_model, trust_remote_code=True, use_safetensors=True)
     tokenizer = load_tokenizer(args.tokenizer or args.small_model)
     return small, large, tokenizer
 
@@ -124,6 +136,9 @@ def run_cascade_train(model_args: CascadeModelArguments, data_args: CascadeDataA
     }
 
 
+EVAL_SPLITS = ("validation", "test")
+
+
 @dataclass
 class CascadeEvalArguments:
     """What `cascade-eval` measures and where it writes the JSON and PNG."""
@@ -135,6 +150,20 @@ class CascadeEvalArguments:
     max_examples: int | None = field(default=64, metadata={"help": "exact_match: at most this many prompt/completion pairs."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "exact_match: decoding budget (default: the reference length)."})
     output_dir: str = field(default="cascade_eval", metadata={"help": "Folder for deferral_curve.json and deferral_curve.png."})
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"Unknown metric {self.metric!r}; valid metrics are {list(METRICS)}.")
+        if self.split not in EVAL_SPLITS:
+            raise ValueError(f"Unknown split {self.split!r}; cascade-eval evaluates one of {list(EVAL_SPLITS)}.")
+        if self.num_points < 2:
+            raise ValueError(f"num_points must be >= 2 (the two end points), got {self.num_points}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        for name in ("max_examples", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or unset, got {value}.")
 
 
 def run_cascade_eval(model_args: CascadeModelArguments, data_args: CascadeDataArguments, eval_args: CascadeEvalArguments) -> dict[str, Any]:
@@ -172,6 +201,7 @@ __all__ = [
     "CascadeDataArguments",
     "CascadeEvalArguments",
     "CascadeModelArguments",
+    "EVAL_SPLITS",
     "load_members",
     "packed_splits",
     "run_cascade_eval",

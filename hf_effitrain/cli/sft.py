@@ -28,7 +28,8 @@ class SftArguments:
     """Model and data options of `effitrain sft` (training options are `NoisySFTConfig`).
 
     Args:
-        model (`str`): checkpoint folder of the pre-trained model (e.g. `effitrain pretrain`'s output or export).
+        model (`str`): checkpoint folder of the pre-trained model (e.g. `effitrain pretrain`'s output or export),
+            with safetensors weights (checked before any data work; pickled `.bin` weights are refused).
         tokenizer (`str`, *optional*): tokenizer folder; default: the model folder.
         dataset (`str`, *optional*, defaults to `"python"`): `python` builds the code SFT set from this
             interpreter's source (`build_code_sft_dataset`); else a jsonl file or a `datasets` name with
@@ -38,6 +39,8 @@ class SftArguments:
         max_train_samples / max_eval_samples (`int`, *optional*): take the first N rows of each split.
         export_dir (`str`, *optional*): export the fine-tuned model Hub-ready there, with the Jacobi / TR-Jacobi
             defaults in its generation config.
+        overwrite_export (`bool`, *optional*, defaults to `False`): allow a non-empty `export_dir` (checked before
+            training, so a long run does not end in an error).
     """
 
     model: str = field(metadata={"help": "Checkpoint folder of the pre-trained model."})
@@ -51,16 +54,29 @@ class SftArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Use the first N validation rows."})
     export_dir: str | None = field(default=None, metadata={"help": "Export the fine-tuned model Hub-ready here."})
+    overwrite_export: bool = field(default=False, metadata={"help": "Allow --export_dir to be a non-empty folder."})
 
     def __post_init__(self) -> None:
+        from ..export import require_safetensors
+
         for name in ("max_train_samples", "max_eval_samples", "max_files"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}.")
+        export = Path(self.export_dir) if self.export_dir else None
+        if export is not None and export.is_dir() and any(export.iterdir()) and not self.overwrite_export:
+            raise ValueError(
+                f"export_dir {self.export_dir!r} exists and is not empty; pass --overwrite_export to write over it "
+                "(files of a previous export are replaced) or choose another folder."
+            )
+        try:
+            require_safetensors(self.model)
+        except ValueError as error:
+            raise ValueError(f"--model: {error}") from None
 
 
 def load_sft_splits(args: SftArguments):
-    """(train, validation) datasets for the run; validation is None when the source has no such split."""
+    """(train, validation) datasets for the run; validation is None when the source has no such split or it is empty."""
     import datasets
 
     if args.dataset == "python":
@@ -77,6 +93,9 @@ def load_sft_splits(args: SftArguments):
         splits = datasets.load_dataset(args.dataset)
     train = splits["train"]
     validation = splits.get("validation", splits.get("test"))
+    if validation is not None and len(validation) == 0:  # trl cannot prepare an empty set; evaluate on nothing
+        logger.info("The validation split of --dataset %s is empty: training without evaluation.", args.dataset)
+        validation = None
     if args.max_train_samples is not None:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if validation is not None and args.max_eval_samples is not None:
@@ -89,7 +108,7 @@ def run_sft(args: SftArguments, config: NoisySFTConfig) -> dict[str, Any]:
     from ..training.pretrain import resolve_resume_checkpoint
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, use_safetensors=True)
     train, validation = load_sft_splits(args)
     trainer = NoisySFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(config))
@@ -127,7 +146,7 @@ def export_sft_model(model, tokenizer, args: SftArguments, config: NoisySFTConfi
         "data": f"{args.dataset} (scope={args.scope})" if args.dataset == "python" else args.dataset,
         "results": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
-    return export_pretrained(model, args.export_dir, tokenizer=tokenizer, model_card=card, overwrite=True)
+    return export_pretrained(model, args.export_dir, tokenizer=tokenizer, model_card=card, overwrite=args.overwrite_export)
 
 
 def main(argv: list[str]) -> int:

@@ -125,7 +125,9 @@ def _check_config_fields(architecture: str, overrides: dict[str, Any]) -> None:
     """Refuse override keys that the architecture's config does not know, suggesting the closest known ones."""
     import difflib
 
-    known = set(AutoConfig.for_model(architecture).to_dict()) | set(getattr(AutoConfig.for_model(architecture), "attribute_map", {}))
+    config = AutoConfig.for_model(architecture)
+    # init-only keywords that configs accept but do not serialise
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", {})) | {"attn_implementation", "torch_dtype"}
     for key in overrides:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)

@@ -11,12 +11,18 @@ found from the `position_ids` resets (trl's default "bfd" packing is padding-fre
 (the "wrapped" packing strategy) are one sample each. A segment lies where the labels are not -100 (the
 completion, or the assistant turns) and never crosses a sequence boundary or a masked stretch. A sample whose
 completion is shorter than `noise_length` is left clean and counted in the logged `noised_samples` share.
+
+Reproducibility: each training micro-batch draws its noise from a fresh generator seeded from (`args.seed`, global
+step, micro-batch index within the gradient accumulation, process index), so the noise depends on where the batch
+sits in training only; a run resumed from a checkpoint draws the same noise as the uninterrupted run (there is no
+generator state to save).
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from trl import SFTTrainer
 
@@ -106,8 +112,22 @@ class NoisySFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, NoisySFTConfig):
             raise TypeError(f"NoisySFTTrainer needs args=NoisySFTConfig(...), got {type(self.args).__name__}.")
-        self._noise_generator = torch.Generator().manual_seed(self.args.seed)
+        self._noise_position = (-1, 0)  # (global step, micro-batches already corrupted in it)
         self._warned_short = False
+
+    def _noise_generator(self) -> torch.Generator:
+        """A generator for this training micro-batch, seeded from (seed, global step, micro-batch, process).
+
+        Within one optimizer step `state.global_step` stays put while the micro-batches of the gradient accumulation
+        go by, so they are counted; a resumed run starts at the checkpoint's step with micro-batch 0, like the
+        uninterrupted run did, and therefore draws the same noise.
+        """
+        step, micro = self._noise_position
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._noise_position = (self.state.global_step, micro)
+        entropy = [int(self.args.seed) & 0xFFFFFFFF, self.state.global_step, micro, self.args.process_index]
+        words = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self.args.noise_length > 0:
@@ -125,7 +145,7 @@ class NoisySFTTrainer(SFTTrainer):
             noise_kind=self.args.noise_kind,
             vocab_size=vocab_size,
             position_ids=inputs["position_ids"].cpu() if "position_ids" in inputs else None,
-            generator=self._noise_generator,
+            generator=self._noise_generator(),
         )
         corrupted = int(mask.sum()) // self.args.noise_length
         if self.args.noise_fraction == 1.0 and corrupted < seen and not self._warned_short:

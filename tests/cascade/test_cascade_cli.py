@@ -49,3 +49,42 @@ def test_train_then_eval_end_to_end(tmp_path):
     curve = json.loads((eval_dir / "deferral_curve.json").read_text())
     assert curve["deferral_ratio"][0] == 0.0 and curve["deferral_ratio"][-1] == 1.0
     assert (eval_dir / "deferral_curve.png").exists()
+
+
+@pytest.mark.parametrize("command", ["cascade-train", "cascade-eval"])
+@pytest.mark.parametrize("option", ["--small_model", "--large_model", "--cascade"])
+def test_bad_checkpoint_folders_are_refused_before_any_work(tmp_path, command, option):
+    binonly = tmp_path / "binonly"
+    binonly.mkdir()
+    (binonly / "config.json").write_text("{}")
+    (binonly / "pytorch_model.bin").write_bytes(b"pickle")
+    extra = ["--output_dir", str(tmp_path / "out")] + (["--use_cpu", "--report_to", "none"] if command == "cascade-train" else [])
+    with pytest.raises(ValueError, match=f"{option}: .*'nope' does not exist"):
+        effitrain([command, option, "nope", *extra])
+    with pytest.raises(ValueError, match=f"{option}: .*pickled weights.*pytorch_model.bin"):
+        effitrain([command, option, str(binonly), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("--split", "foo", r"split 'foo'.*\['validation', 'test'\]"),
+        ("--split", "train", r"split 'train'.*\['validation', 'test'\]"),
+        ("--batch_size", "0", "batch_size must be >= 1, got 0"),
+        ("--max_examples", "0", "max_examples must be >= 1 or unset, got 0"),
+        ("--max_new_tokens", "-1", "max_new_tokens must be >= 1 or unset, got -1"),
+        ("--num_points", "1", "num_points must be >= 2"),
+        ("--metric", "bleu", r"metric 'bleu'.*token_accuracy"),
+    ],
+)
+def test_cascade_eval_argument_checks(tmp_path, option, value, match):
+    with pytest.raises(ValueError, match=match):
+        effitrain(["cascade-eval", option, value, "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cascade_eval_accepts_the_documented_splits():
+    from hf_effitrain.cascade.runs import CascadeEvalArguments
+
+    assert [CascadeEvalArguments(split=split, max_examples=None).split for split in ("validation", "test")] == ["validation", "test"]

@@ -210,7 +210,28 @@ def test_msn_sft_cli_trains_and_exports(tmp_path, capsys):
     assert generation.tree_depth == 5 and generation.jacobi_draft_len == 5
     assert "noise_length" in (tmp_path / "export" / "README.md").read_text()
     with pytest.raises(ValueError, match="noise_length"):
-        cli_main(argv[:-2] + ["--noise_length", "-2"])
+        cli_main(argv[:-2] + ["--noise_length", "-2", "--overwrite_export", "true"])  # the export dir is full now
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["sft", "--help"])
     assert exit_info.value.code == 0 and "--noise-length" in capsys.readouterr().out
+
+
+def test_msn_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """The noise is a function of (seed, step, micro-batch, process): resuming draws what the full run drew."""
+    from safetensors.torch import load_file
+
+    def trainer(output_dir):
+        config = _config(output_dir, max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         save_strategy="steps", save_steps=2, logging_steps=10)
+        return NoisySFTTrainer(model=tiny_model("llama"), args=config, train_dataset=_prompt_completion(16), processing_class=_tokenizer())
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    expected = load_file(tmp_path / "full" / "checkpoint-4" / "model.safetensors")
+    got = {name: p.detach() for name, p in resumed.model.state_dict().items()}
+    assert any(not torch.equal(t, load_file(tmp_path / "full" / "checkpoint-2" / "model.safetensors")[n]) for n, t in expected.items())
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
