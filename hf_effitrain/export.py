@@ -163,11 +163,33 @@ def _prepare_dir(save_dir: str | Path, overwrite: bool) -> Path:
         if not overwrite:
             raise ValueError(
                 f"Export directory {str(path)!r} exists and is not empty; pass `overwrite=True` to write over it "
-                "(files of a previous export are replaced) or choose another directory."
+                "(files of a previous export are removed first) or choose another directory."
             )
-        logger.info("Writing over the existing export directory %s (overwrite=True).", path)
+        removed = _remove_checkpoint_files(path)
+        logger.info("Writing over the existing export directory %s (overwrite=True): removed %d files of an earlier checkpoint.", path, removed)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# What an earlier export or `save_pretrained` may have left: weights (and shard indexes), configs, tokenizer files,
+# remote code, the card and `custom_generate/`. Anything else in the folder (the user's own files) is kept.
+_CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".py", ".bin", ".pt", ".pth", ".model", ".jinja")
+_CHECKPOINT_NAMES = ("README.md", "merges.txt", "vocab.txt")
+_CHECKPOINT_FOLDERS = ("custom_generate", "__pycache__")
+
+
+def _remove_checkpoint_files(path: Path) -> int:
+    """Remove an earlier checkpoint's files from `path` so that none of them outlives the new export (a stale
+    tokenizer, modeling file or shard index would load next to the new weights); return how many were removed."""
+    removed = 0
+    for entry in path.iterdir():
+        if entry.is_dir() and entry.name in _CHECKPOINT_FOLDERS:
+            removed += sum(1 for p in entry.rglob("*") if p.is_file())
+            shutil.rmtree(entry)
+        elif entry.is_file() and (entry.suffix in _CHECKPOINT_SUFFIXES or entry.name in _CHECKPOINT_NAMES):
+            entry.unlink()
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -277,9 +299,10 @@ def _write_model_card(
     if method and _method_tag(method):
         tags.append(_method_tag(method))
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=tags)
-    strategies = _strategy_names()
+    strategies = _strategy_names(model)
+    default = getattr(model.generation_config, "strategy", None)
     # the card's example call: the checkpoint's own default strategy, else the general-purpose exact one
-    example = getattr(model.generation_config, "strategy", None) or ("tr_jacobi" if "tr_jacobi" in strategies else None)
+    example = default or ("tr_jacobi" if "tr_jacobi" in strategies else None)
     model_card = ModelCard.from_template(
         card_data,
         template_path=str(model_card_template_path()),
@@ -293,8 +316,9 @@ def _write_model_card(
         data=card.get("data"),
         results=card.get("results"),
         strategies=strategies,
+        default_strategy=default,
         example_strategy=example,
-        tokenizer_loader=tokenizer_loader or "AutoTokenizer",
+        tokenizer_loader=tokenizer_loader,
     )
     model_card.save(save_dir / "README.md")
 
@@ -304,10 +328,12 @@ def _method_tag(method: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", method.split("(")[0].strip().lower()).strip("-")
 
 
-def _strategy_names() -> list[str]:
+def _strategy_names(model: PreTrainedModel) -> list[str]:
+    """The strategies that apply to `model`: `cascade` for a cascade, the Jacobi ones for every other causal LM."""
     from .hub.generation_effi import STRATEGIES
 
-    return sorted(STRATEGIES)
+    is_cascade = model.config.model_type == "cascade"
+    return sorted(name for name in STRATEGIES if (name == "cascade") == is_cascade)
 
 
 def export_pretrained(
@@ -331,7 +357,9 @@ def export_pretrained(
         tokenizer (*optional*): saved with `save_pretrained` next to the weights.
         model_card (`dict`, *optional*): card contents, keys among `method` (str), `hyperparameters` (dict),
             `data` (str), `results` (dict of measured numbers).
-        overwrite (`bool`, defaults to `False`): allow a non-empty `save_dir`; files of the export are replaced.
+        overwrite (`bool`, defaults to `False`): allow a non-empty `save_dir`; the files an earlier checkpoint left
+            there (weights, shard indexes, configs, tokenizer files, `*.py`, README.md, `custom_generate/`) are
+            removed first, other files are kept.
     Returns:
         `Path` of the folder.
     Raises:

@@ -97,13 +97,15 @@ class JacobiGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 def _resolve_params(model, generation_config, kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, int]:
-    """Pop the strategy parameters from `kwargs` (else the config's, else the defaults) and validate them."""
-    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    """Pop the strategy parameters from `kwargs`, else take the passed config's, else the model's own (the
+    checkpoint's `generation_config.json`), else the defaults, and validate them."""
+    configs = (generation_config, getattr(model, "generation_config", None))
     params = {}
     for name in names:
         value = kwargs.pop(name, None)
-        if value is None:
-            value = getattr(base, name, None)
+        for config in configs:
+            if value is None:
+                value = getattr(config, name, None)
         if value is None:
             value = STRATEGY_DEFAULTS[name]
         if isinstance(value, bool) or not isinstance(value, int):

@@ -354,6 +354,35 @@ def test_non_empty_directory_needs_overwrite(tmp_path):
     assert not (target / "custom_generate" / "stale_strategy.py").exists()
 
 
+def test_overwrite_removes_an_earlier_checkpoint_of_another_kind(tmp_path):
+    target = tmp_path / "export"
+    export_pretrained(tiny_model("llama"), target, tokenizer=tiny_tokenizer())
+    tiny_model("qwen2").save_pretrained(target, max_shard_size="20KB")  # leaves a shard index and shards
+    (target / "notes.txt").write_text("keep me")
+    export_pretrained(tiny_model("gpt2"), target, overwrite=True)  # no tokenizer this time
+    names = {p.name for p in target.iterdir()}
+    assert "notes.txt" in names and "model.safetensors" in names
+    assert not {n for n in names if n.startswith("tokenizer") or n.endswith(".index.json") or "-of-" in n}
+    assert json.loads((target / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_model_card_lists_the_strategies_that_apply_and_the_default(tmp_path):
+    from hf_effitrain import CascadeForCausalLM
+
+    plain = ModelCard.load(export_pretrained(tiny_model("llama"), tmp_path / "plain") / "README.md").text
+    assert "`jacobi`, `tr_jacobi`" in plain and "`cascade`" not in plain
+    assert "`strategy=None` (the default) is the plain `generate`" in plain
+    assert 'inputs = {"input_ids": torch.tensor(' in plain  # no tokenizer exported: the snippet brings token ids
+    model = tiny_model("llama")
+    model.generation_config.strategy = "jacobi"
+    named = ModelCard.load(export_pretrained(model, tmp_path / "named", tokenizer=tiny_tokenizer()) / "README.md").text
+    assert "uses this checkpoint's default strategy, `jacobi`" in named and 'strategy="plain"' in named
+    assert "tokenizer.decode(output[0])" in named
+    cascade = CascadeForCausalLM.from_models(tiny_model("llama"), tiny_model("qwen2"))
+    card = ModelCard.load(export_pretrained(cascade, tmp_path / "cascade") / "README.md").text
+    assert "checkpoint are `cascade`;" in card and "`tr_jacobi`" not in card.split("## Training")[0].split("apply to this")[1]
+
+
 def test_bad_models_are_refused(tmp_path):
     with pytest.raises(TypeError, match="expects a transformers `PreTrainedModel`, got Linear"):
         export_pretrained(torch.nn.Linear(2, 2), tmp_path / "a")

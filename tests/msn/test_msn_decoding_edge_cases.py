@@ -192,3 +192,17 @@ def test_msn_stateless_watermark_exact():
         assert not torch.equal(expected, _greedy(model, ids, max_new_tokens=24))  # the watermark changes the text
         for strategy in STRATEGIES:
             assert torch.equal(_strategy(model, ids, strategy, max_new_tokens=24, watermarking_config=config), expected)
+
+
+def test_a_passed_generation_config_keeps_the_checkpoint_strategy_parameters():
+    from hf_effitrain.hub.generation_jacobi import _resolve_params
+
+    model = tiny_model("llama")
+    model.generation_config.tree_depth, model.generation_config.tree_top_k = 2, 3
+    names = ("tree_depth", "tree_top_k")
+    assert _resolve_params(model, GenerationConfig(max_new_tokens=5), {}, names) == {"tree_depth": 2, "tree_top_k": 3}
+    assert _resolve_params(model, GenerationConfig(tree_depth=4), {"tree_top_k": 7}, names) == {"tree_depth": 4, "tree_top_k": 7}
+    ids = torch.tensor([[5, 9, 13, 2, 5, 9]])
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out = hf_effitrain.generate(model, ids, strategy="tr_jacobi", generation_config=GenerationConfig(max_new_tokens=12, do_sample=False))
+    assert torch.equal(out, greedy)
