@@ -142,7 +142,11 @@ def load_prompts(args, sft) -> list[dict]:
     if args.humaneval:
         with gzip.open(args.humaneval, "rt") as handle:
             rows = [json.loads(line) for line in handle if line.strip()]
-        prompts += [{"source": "humaneval", "id": r["task_id"], "text": r["prompt"]} for r in rows[: args.humaneval_prompts]]
+        # without the trailing newline, like the code SFT prompts: the BPE merges a newline with the indentation after
+        # it, so a prompt ending in a bare newline ends in a token the model never saw there
+        prompts += [
+            {"source": "humaneval", "id": r["task_id"], "text": r["prompt"].rstrip("\n")} for r in rows[: args.humaneval_prompts]
+        ]
     test = sft["test"]
     prompts += [{"source": "corpus", "id": f"{r['path']}::{r['name']}", "text": r["prompt"]} for r in test.select(range(min(args.corpus_prompts, len(test))))]
     return prompts

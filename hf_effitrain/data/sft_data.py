@@ -85,6 +85,12 @@ class _FunctionCollector(ast.NodeVisitor):
             return
         if not completion.endswith(("\n", "\r")):
             completion += "\n"
+        # The prompt ends at the closing quotes and the docstring line's line end opens the completion: a
+        # byte-level BPE merges a newline with the indentation after it, so a prompt ending in a bare newline would
+        # not tokenize as a prefix of prompt + completion (trl then moves the boundary itself, and inference
+        # prompts would end in a token that training never put there).
+        ending = prompt[len(prompt.rstrip("\r\n")) :]
+        prompt, completion = prompt[: len(prompt) - len(ending)], ending + completion
         self.rows.append({"prompt": prompt, "completion": completion, "name": ".".join([*self.scope, node.name])})
 
 

@@ -70,7 +70,9 @@ def add_noise(
     if noise_kind == "uniform" and vocab_size is None:
         raise ValueError("noise_kind='uniform' needs vocab_size.")
     noisy, mask = input_ids.clone(), torch.zeros_like(labels, dtype=torch.bool)
-    if labels.numel() < noise_length:
+    if noise_length < 0:
+        raise ValueError(f"noise_length must be >= 0, got {noise_length}.")
+    if noise_length == 0 or labels.numel() < noise_length:  # 0: plain SFT, nothing to corrupt
         return noisy, mask, 0
     flat_ids, flat_mask, flat_seq = noisy.view(-1), mask.view(-1), _sequence_ids(labels, position_ids).reshape(-1)
     trainable = (labels != -100).reshape(-1)

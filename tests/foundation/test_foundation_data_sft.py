@@ -59,23 +59,23 @@ def outer(items):
     return [inner(i) for i in items]
 '''
 
-EXPECTED = {
+EXPECTED = {  # prompts end at the closing quotes; the line end opens the completion (BPE merges it with the indent)
     "add": (
-        'def add(a: int,\n        b: int) -> int:\n    """Add two numbers.\n\n    Long description.\n    """\n',
-        "    total = a + b  # comment kept\n    return total\n",
+        'def add(a: int,\n        b: int) -> int:\n    """Add two numbers.\n\n    Long description.\n    """',
+        "\n    total = a + b  # comment kept\n    return total\n",
     ),
     "Greeter.greet": (
-        'async def greet(self, name):\n    """Say hello."""\n',
-        '    message = f"hello {name}"\n\n    return message\n',
+        'async def greet(self, name):\n    """Say hello."""',
+        '\n    message = f"hello {name}"\n\n    return message\n',
     ),
     "outer": (
-        'def outer(items):\n    """Outer function."""\n',
-        '    def inner(item):\n        """Inner function."""\n        return item * 2 + len(items)\n'
+        'def outer(items):\n    """Outer function."""',
+        '\n    def inner(item):\n        """Inner function."""\n        return item * 2 + len(items)\n'
         "    return [inner(i) for i in items]\n",
     ),
     "outer.inner": (
-        'def inner(item):\n    """Inner function."""\n',
-        "    return item * 2 + len(items)\n",
+        'def inner(item):\n    """Inner function."""',
+        "\n    return item * 2 + len(items)\n",
     ),
 }
 
@@ -94,11 +94,21 @@ def test_extract_exact_prompt_and_completion():
         assert (rows[name]["prompt"], rows[name]["completion"]) == (prompt, completion), name
 
 
+def test_prompt_tokens_are_a_prefix_of_the_whole_row():
+    """What trl checks before it masks the prompt: with our byte-level BPE the boundary falls between tokens."""
+    from hf_effitrain.data import train_tokenizer
+
+    tokenizer = train_tokenizer([SOURCE * 20], vocab_size=400, use_cache=False)
+    for prompt, completion in EXPECTED.values():
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        assert tokenizer(prompt + completion)["input_ids"][: len(prompt_ids)] == prompt_ids, prompt
+
+
 def test_extract_keeps_line_endings_and_form_feeds():
     source = 'def f():\r\n    """Doc."""\r\n    x = "\x0c"  # form feed inside a line\r\n    return x'
     (row,) = extract_docstring_functions(source)
-    assert row["prompt"] == 'def f():\r\n    """Doc."""\r\n'
-    assert row["completion"] == '    x = "\x0c"  # form feed inside a line\r\n    return x\n'
+    assert row["prompt"] == 'def f():\r\n    """Doc."""'
+    assert row["completion"] == '\r\n    x = "\x0c"  # form feed inside a line\r\n    return x\n'
 
 
 @pytest.fixture

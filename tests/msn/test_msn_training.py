@@ -235,3 +235,11 @@ def test_msn_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert any(not torch.equal(t, load_file(tmp_path / "full" / "checkpoint-2" / "model.safetensors")[n]) for n, t in expected.items())
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_msn_add_noise_length_zero_is_plain_and_negative_is_refused():
+    ids = torch.arange(3, 13)[None]
+    noisy, mask, seen = add_noise(ids, ids.clone(), 0)
+    assert torch.equal(noisy, ids) and not mask.any() and seen == 0
+    with pytest.raises(ValueError, match="noise_length must be >= 0, got -1"):
+        add_noise(ids, ids.clone(), -1)
