@@ -43,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         parser.error(f"unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Tear down a process group the command started (`torchrun` / `accelerate launch`): a live gloo or NCCL group
+    at interpreter exit can abort the process after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def console_main() -> int:

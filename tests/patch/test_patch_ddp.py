@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent(
                    "patch_steps": s.patch_steps, "stages": [r["patch_stage"] for r in logs],
                    "tokens": logs[-1]["train_tokens"], "in_sync": all(torch.equal(g, gathered[0]) for g in gathered)},
                   open(out + "/ddp.json", "w"))
+    dist.barrier()
+    dist.destroy_process_group()  # a live gloo group at interpreter exit can abort the process (exit code -6)
     """
 )
 
