@@ -155,16 +155,27 @@ def _check_card(model_card: dict | None) -> dict[str, Any]:
     return {key: value for key, value in model_card.items() if value is not None}
 
 
-def _prepare_dir(save_dir: str | Path, overwrite: bool) -> Path:
+def check_export_dir(save_dir: str | Path, overwrite: bool, overwrite_hint: str = "`overwrite=True`") -> bool:
+    """Whether `save_dir` holds files (True: an export would write over them); raise unless `overwrite`.
+
+    The training commands call it when their arguments are parsed, so that a long run does not end in this error;
+    `overwrite_hint` names the option that allows it (`--overwrite_export` on the command line).
+    """
     path = Path(save_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"Export path {str(path)!r} exists and is not a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"Export directory {str(path)!r} exists and is not empty; pass `overwrite=True` to write over it "
-                "(files of a previous export are removed first) or choose another directory."
-            )
+    occupied = path.is_dir() and any(path.iterdir())
+    if occupied and not overwrite:
+        raise ValueError(
+            f"Export directory {str(path)!r} exists and is not empty; pass {overwrite_hint} to write over it "
+            "(files of a previous export are removed first) or choose another directory."
+        )
+    return occupied
+
+
+def _prepare_dir(save_dir: str | Path, overwrite: bool) -> Path:
+    path = Path(save_dir)
+    if check_export_dir(path, overwrite):
         removed = _remove_checkpoint_files(path)
         logger.info("Writing over the existing export directory %s (overwrite=True): removed %d files of an earlier checkpoint.", path, removed)
     path.mkdir(parents=True, exist_ok=True)

@@ -57,18 +57,14 @@ class SftArguments:
     overwrite_export: bool = field(default=False, metadata={"help": "Allow --export_dir to be a non-empty folder."})
 
     def __post_init__(self) -> None:
-        from ..export import require_safetensors
+        from ..export import check_export_dir, require_safetensors
 
         for name in ("max_train_samples", "max_eval_samples", "max_files"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or unset, got {value}.")
-        export = Path(self.export_dir) if self.export_dir else None
-        if export is not None and export.is_dir() and any(export.iterdir()) and not self.overwrite_export:
-            raise ValueError(
-                f"export_dir {self.export_dir!r} exists and is not empty; pass --overwrite_export to write over it "
-                "(files of a previous export are replaced) or choose another folder."
-            )
+        if self.export_dir:
+            check_export_dir(self.export_dir, self.overwrite_export, "--overwrite_export")
         try:
             require_safetensors(self.model)
         except ValueError as error:

@@ -86,15 +86,11 @@ class PretrainArguments:
             raise ValueError(f"block_size must be >= 2, got {self.block_size}.")
         if self.max_eval_blocks is not None and self.max_eval_blocks < 1:
             raise ValueError(f"max_eval_blocks must be >= 1 or None, got {self.max_eval_blocks}.")
-        export = Path(self.export_dir) if self.export_dir else None
-        if export is not None and export.is_dir() and any(export.iterdir()) and not self.overwrite_export:
-            raise ValueError(
-                f"export_dir {self.export_dir!r} exists and is not empty; pass --overwrite_export to write over it "
-                "(files of a previous export are replaced) or choose another folder."
-            )
-        if self.init_from:
-            from ..export import require_safetensors
+        from ..export import check_export_dir, require_safetensors
 
+        if self.export_dir:
+            check_export_dir(self.export_dir, self.overwrite_export, "--overwrite_export")
+        if self.init_from:
             require_safetensors(self.init_from)
             if self.config_overrides:
                 raise ValueError(

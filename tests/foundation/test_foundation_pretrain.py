@@ -142,7 +142,7 @@ def test_non_empty_export_dir_is_refused_before_training(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     (export / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="export_dir .* exists and is not empty; pass --overwrite_export"):
+    with pytest.raises(ValueError, match="Export directory .* exists and is not empty; pass --overwrite_export"):
         PretrainArguments(preset="tiny", export_dir=str(export))
     assert PretrainArguments(preset="tiny", export_dir=str(export), overwrite_export=True).overwrite_export
 

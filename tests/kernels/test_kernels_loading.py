@@ -107,16 +107,21 @@ def test_missing_build_folder_is_named(tmp_path, monkeypatch):
         load_kernel_module("effi_ode_step")
 
 
-def test_loss_falls_back_with_one_warning_or_raises(broken_kernels_dir, monkeypatch, caplog):
-    # pretend the kernel could run here, so that loading it is what fails
-    monkeypatch.setattr(lce_module, "_kernel_unavailable_reason", lambda hidden, required: None)
+def _assert_loss_falls_back_once(monkeypatch, caplog, message: str):
+    """The default fused loss, where the kernel could run but does not load: it logs `message` once over two calls
+    and returns the torch reference's loss and gradients. Returns the inputs it used."""
+    monkeypatch.setattr(lce_module, "_kernel_unavailable_reason", lambda hidden, required: None)  # loading is what fails
     monkeypatch.setattr(lce_module, "_logged_fallback_reasons", set())
     inputs = make_inputs(9, 8, 19, 2)
     with caplog.at_level(logging.WARNING, logger=lce_module.__name__):
         got = [loss_and_grads(fused_linear_cross_entropy, *inputs, "mean") for _ in range(2)][-1]
-    assert len([r for r in caplog.records if "could not load kernel repo" in r.getMessage()]) == 1
-    want = loss_and_grads(linear_cross_entropy_reference, *inputs, "mean")
-    torch.testing.assert_close(got, want)
+    assert len([r for r in caplog.records if message in r.getMessage()]) == 1
+    torch.testing.assert_close(got, loss_and_grads(linear_cross_entropy_reference, *inputs, "mean"))
+    return inputs
+
+
+def test_loss_falls_back_with_one_warning_or_raises(broken_kernels_dir, monkeypatch, caplog):
+    inputs = _assert_loss_falls_back_once(monkeypatch, caplog, "could not load kernel repo")
     with pytest.raises(KernelLoadError, match="effi_linear_cross_entropy"):
         fused_linear_cross_entropy(*inputs[:3], use_kernel=True)
 
@@ -188,13 +193,7 @@ def test_wheel_install_without_local_repos_says_what_to_do(wheel_install, monkey
     with pytest.raises(KernelLoadError, match="no local kernel repositories"):
         load_kernel_module("effi_ode_step")
     # the default loss logs once and runs the torch reference; use_kernel=True raises
-    monkeypatch.setattr(lce_module, "_kernel_unavailable_reason", lambda hidden, required: None)
-    monkeypatch.setattr(lce_module, "_logged_fallback_reasons", set())
-    inputs = make_inputs(9, 8, 19, 2)
-    with caplog.at_level(logging.WARNING, logger=lce_module.__name__):
-        got = [loss_and_grads(fused_linear_cross_entropy, *inputs, "mean") for _ in range(2)][-1]
-    assert len([r for r in caplog.records if "no local kernel repositories" in r.getMessage()]) == 1
-    torch.testing.assert_close(got, loss_and_grads(linear_cross_entropy_reference, *inputs, "mean"))
+    inputs = _assert_loss_falls_back_once(monkeypatch, caplog, "no local kernel repositories")
     with pytest.raises(KernelLoadError, match="EFFI_KERNELS_DIR"):
         fused_linear_cross_entropy(*inputs[:3], use_kernel=True)
     # the EFFI_KERNELS_DIR override still names the folder it is given

@@ -54,7 +54,7 @@ def test_sft_cli_python_dataset_with_empty_validation_trains_without_bf16_flag(t
         "--export_dir", str(export), "--max_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu", "true",
         "--gradient_checkpointing", "false", "--report_to", "none", "--save_strategy", "no", "--max_length", "64",
     ]
-    with pytest.raises(ValueError, match="export_dir .* not empty.*--overwrite_export"):
+    with pytest.raises(ValueError, match="Export directory .* not empty.*--overwrite_export"):
         cli_main(argv)  # refused while parsing, before any training
     assert not (tmp_path / "run").exists()
     assert cli_main([*argv, "--overwrite_export", "true"]) == 0  # no --bf16: the CPU default works
