@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import PreTrainedModel
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CARD_REPO_PLACEHOLDER",
+    "ExportReloadError",
     "MODEL_CARD_KEYS",
     "export_pretrained",
     "model_card_template_path",
@@ -62,8 +64,10 @@ Loading this folder without `trust_remote_code=True` gives the plain `{base}`: c
 from transformers import {base}
 
 from .generation_effi import EffiGenerationMixin
+from .transformers_compat import keep_stock_weight_loading
 
 
+@keep_stock_weight_loading({base})  # remote code would otherwise skip the stock checkpoint conversions
 class Effi{base}(EffiGenerationMixin, {base}):
     """`{base}` whose `generate` also takes `strategy=` (see `generation_effi.STRATEGIES`)."""
 
@@ -234,6 +238,7 @@ def _write_effi_modeling(save_dir: Path, base: type) -> str:
     """Write `modeling_effi.py` (+ its hub siblings) and point config.json's `auto_map` at `Effi<base>`."""
     (save_dir / EFFI_MODELING_FILE).write_text(_EFFI_MODELING_SOURCE.format(base=base.__name__), encoding="utf-8")
     _copy_with_siblings(HUB_DIR / "generation_effi.py", save_dir)
+    _copy_with_siblings(HUB_DIR / "transformers_compat.py", save_dir)
     class_ref = f"{Path(EFFI_MODELING_FILE).stem}.Effi{base.__name__}"
     config_path = save_dir / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -344,7 +349,77 @@ def _strategy_names(model: PreTrainedModel) -> list[str]:
     from .hub.generation_effi import STRATEGIES
 
     is_cascade = model.config.model_type == "cascade"
-    return sorted(name for name in STRATEGIES if (name == "cascade") == is_cascade)
+    return sorted(name for name in STRATEGIES if (name in ("cascade", "speculative_cascade")) == is_cascade)
+
+
+class ExportReloadError(ValueError):
+    """An export that would not load back with the weights (or the logits) of the exported model."""
+
+
+# tokens of the logits probe: short, inside every vocabulary, no special ids (0-2 are pad / BOS / EOS in most vocabs)
+_RELOAD_PROBE_IDS = (3, 7, 11, 5, 9, 4)
+
+
+def _named_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and every buffer, non-persistent ones included (they are rebuilt at load, not read from the file)."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return state
+
+
+def _state_mismatches(expected: torch.nn.Module, reloaded: torch.nn.Module) -> list[str]:
+    want, got = _named_state(expected), _named_state(reloaded)
+    problems = [f"{name}: missing after reload" for name in sorted(set(want) - set(got))]
+    for name in sorted(set(want) & set(got)):
+        a, b = want[name].detach(), got[name].detach().to(want[name].device)
+        if a.shape != b.shape:
+            problems.append(f"{name}: shape {tuple(a.shape)} reloaded as {tuple(b.shape)}")
+        elif not torch.equal(a, b) and not (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())):
+            diff = (a.float() - b.float()).abs().nan_to_num(float("inf")).max().item()
+            problems.append(f"{name}: differs after reload (max abs difference {diff:.3g})")
+    return problems
+
+
+@torch.no_grad()
+def _probe_logits(model: torch.nn.Module) -> torch.Tensor | None:
+    try:
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        ids = torch.tensor([[i % vocab for i in _RELOAD_PROBE_IDS]], device=model.device)
+        return model(input_ids=ids).logits.float().cpu()
+    except Exception as error:  # e.g. a model whose forward needs more than input_ids: the state check still holds
+        logger.info("Reload check: %s does not run on input_ids alone (%s); comparing weights and buffers only.", type(model).__name__, error)
+        return None
+
+
+def _check_reload(model: PreTrainedModel, path: Path) -> None:
+    """Load `path` back through its remote class (what users get) and refuse the export unless the parameters, the
+    buffers and the logits on a probe equal the exported model's.
+
+    Raises:
+        ExportReloadError: naming what differs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=True, dtype=model.dtype, attn_implementation=model.config._attn_implementation
+    )
+    problems = _state_mismatches(model, reloaded)
+    training = model.training
+    model.eval()
+    try:
+        expected = _probe_logits(model) if not problems and model.device.type == "cpu" else None
+    finally:
+        model.train(training)
+    got = _probe_logits(reloaded.eval()) if expected is not None else None
+    if got is not None and not torch.allclose(expected, got, rtol=1e-4, atol=1e-5, equal_nan=True):
+        problems.append(f"logits on a probe differ after reload (max abs difference {(expected - got).abs().max().item():.3g})")
+    if problems:
+        listed = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise ExportReloadError(
+            f"The export of {type(model).__name__} in {str(path)!r} does not load back as the exported model through "
+            f"its remote class {type(reloaded).__name__} (transformers {transformers.__version__}): {listed}. The "
+            "folder is left for inspection; do not publish it. Please report this architecture to hf_effitrain."
+        )
 
 
 def export_pretrained(
@@ -353,6 +428,7 @@ def export_pretrained(
     tokenizer: Any | None = None,
     model_card: dict | None = None,
     overwrite: bool = False,
+    check_reload: bool = True,
 ) -> Path:
     """Write `model` as a Hub-ready folder that loads with `trust_remote_code=True` where hf_effitrain is absent.
 
@@ -371,12 +447,16 @@ def export_pretrained(
         overwrite (`bool`, defaults to `False`): allow a non-empty `save_dir`; the files an earlier checkpoint left
             there (weights, shard indexes, configs, tokenizer files, `*.py`, README.md, `custom_generate/`) are
             removed first, other files are kept.
+        check_reload (`bool`, defaults to `True`): load the folder back through its remote class (in this process,
+            on CPU) and refuse the export unless every parameter and buffer, and the logits on a short probe (for a
+            model on CPU), equal the exported model's. Costs a second copy of the model in CPU memory.
     Returns:
         `Path` of the folder.
     Raises:
         TypeError: `model` is not a `PreTrainedModel`, or a card value has the wrong type.
         ValueError: no LM head, a class that cannot ship its code, a non-empty `save_dir` without `overwrite`,
             unknown `model_card` keys.
+        ExportReloadError: (a ValueError) the folder does not load back as the exported model (`check_reload`).
     """
     base = _check_model(model)
     card = _check_card(model_card)
@@ -393,5 +473,7 @@ def export_pretrained(
     _write_custom_generate(path)
     tokenizer_loader = _save_tokenizer(path, tokenizer) if tokenizer is not None else None
     _write_model_card(path, model, base, class_ref, card, tokenizer_loader)
+    if check_reload:
+        _check_reload(model, path)
     logger.info("Exported %s to %s (remote class %s).", type(model).__name__, path, class_ref)
     return path

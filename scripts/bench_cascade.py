@@ -7,12 +7,23 @@ One run, side by side:
 3. evaluate each cascade (fine-tuned small -> large) on held-out blocks: quality (next-token accuracy) against
    deferral ratio and against relative FLOPs, token level and sequence level (Chow-Average), the areas under the
    curves, and the FLOPs saved at the large model's quality minus 1%;
-4. write JSON (device, date, command, versions, every number) and a PNG.
+4. decoded curves (`hf_effitrain.cascade.decoding_curves`) for the standard and the CAT (`paper`) small model:
+   quality of greedy continuations of held-out prompts (mean log-prob under the large model; also accuracy against
+   the reference tokens) against the share of tokens from the small model, against FLOPs and against wall-clock
+   (interleaved with the large model's greedy decoding), for sequence- and token-level cascades, speculative cascades
+   (`generate(strategy="speculative_cascade")`, rules chow / diff / opt) and plain speculative decoding with the
+   small model as drafter (`assistant_model=`), all at batch size 1, greedy, EOS off;
+5. write JSON (device, date, command, versions, git commit, every number) and PNGs.
 
-CPU smoke size (about 5 minutes on one shared core; more threads oversubscribe a busy machine):
+CPU smoke size (about 5 minutes on one shared core, plus the decoded curves, about 5 minutes per decoded preset on a
+loaded box; `--speculative_prompts 0` skips them; more threads oversubscribe a busy machine):
     OMP_NUM_THREADS=1 python scripts/bench_cascade.py --size cpu_small
-GPU size (small about 8.9M, large about 97M parameters, `all` corpus scope):
+GPU size (small about 8.9M, large about 97M parameters, `all` corpus scope; decoded curves on 64 prompts):
     python scripts/bench_cascade.py --size gpu
+The speculative-cascade run of the README (presets `standard` and `paper` only; about 18 minutes on a loaded
+2-core box):
+    OMP_NUM_THREADS=1 python scripts/bench_cascade.py --size cpu_small --presets standard,paper \
+        --output scripts/results/cascade_cpu_small_speculative
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import transformers
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from hf_effitrain.cascade import LOSS_PRESETS, deferral_curve, plot_deferral_curves, summarize_curves
+from hf_effitrain.cascade.decoding_curves import DEFAULT_ALPHAS, decoded_curves, plot_decoded_curves
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
 from hf_effitrain.models.presets import build_model
@@ -49,12 +61,14 @@ SIZES = {
         small=(32, 2, 4, 88), large=(128, 2, 4, 344),
         small_pretrain_steps=700, large_pretrain_steps=700, finetune_steps=150, small_lr=5e-3, large_lr=3e-3,
         eval_blocks=128, num_points=21, exact_match_examples=0,
+        speculative_prompts=16, prompt_len=32, new_tokens=32, draft_len=4, decoded_points=7,
     ),
     "gpu": dict(
         scope="all", max_files=None, vocab_size=8192, block_size=512, batch_size=32,
         small=(256, 6, 4, 688), large=(768, 12, 12, 2048),
         small_pretrain_steps=4000, large_pretrain_steps=4000, finetune_steps=2000, small_lr=2e-3, large_lr=6e-4,
         eval_blocks=512, num_points=41, exact_match_examples=256,
+        speculative_prompts=64, prompt_len=128, new_tokens=128, draft_len=4, decoded_points=11,
     ),
 }
 
@@ -113,6 +127,53 @@ def completion_pairs(cfg: dict, tokenizer):
     return short.select(range(min(cfg["exact_match_examples"], len(short))))
 
 
+def _git_state() -> dict:
+    """The checkout's commit and whether it had uncommitted changes (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def decode_strategies(cascade, eval_rows: torch.Tensor, cfg: dict) -> dict:
+    """Decoded curves of every strategy on the first `speculative_prompts` held-out blocks (prompt, then reference)."""
+    rows = eval_rows[: cfg["speculative_prompts"]]
+    prompt_len, new = cfg["prompt_len"], cfg["new_tokens"]
+    start = time.perf_counter()
+    result = decoded_curves(
+        cascade, rows[:, :prompt_len], rows[:, prompt_len : prompt_len + new], alphas=DEFAULT_ALPHAS, draft_len=cfg["draft_len"],
+        num_points=cfg["decoded_points"],
+    )
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def summarize_decoded(decoded: dict) -> dict:
+    """Per small model and method: area under quality vs small share, and the cheapest point at the large model -1%;
+    then, per method, the CAT model's area gain over the standard one (does CAT help that strategy?)."""
+    summary: dict = {}
+    for preset, result in decoded.items():
+        summary[preset] = {
+            "small_quality": result["small"]["quality"], "large_quality": result["large"]["quality"],
+            "speculative_decoding": {k: result["speculative_decoding"][k] for k in ("quality", "relative_flops", "relative_wall", "tokens_per_large_forward", "equal_to_large_greedy")},
+            "methods": {
+                name: {"area": curve["area"], **result["at_large_minus_1pct"][name]} for name, curve in result["curves"].items()
+            },
+        }
+    if "standard" in summary:
+        for preset in summary:
+            if preset != "standard":
+                summary[preset]["area_gain_vs_standard"] = {
+                    name: method["area"] - summary["standard"]["methods"][name]["area"] for name, method in summary[preset]["methods"].items()
+                }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu_small")
@@ -125,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         "--exact_match_examples", type=int, default=None,
         help="docstring -> body pairs (validation split, completions <= 64 tokens) for sequence-level exact-match curves; 0 skips",
     )
+    parser.add_argument("--speculative_prompts", type=int, default=None, help="prompts of the decoded curves (override; 0 skips them)")
+    parser.add_argument(
+        "--speculative_presets", default="standard,paper",
+        help="small models (loss presets) whose cascades are decoded: speculative cascades vs the other strategies",
+    )
     parser.add_argument("--output", default="scripts/results/cascade_cpu_small", help="path prefix of the .json and .png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -136,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg["small_pretrain_steps"] = cfg["large_pretrain_steps"] = args.pretrain_steps
     if args.exact_match_examples is not None:
         cfg["exact_match_examples"] = args.exact_match_examples
+    if args.speculative_prompts is not None:
+        cfg["speculative_prompts"] = args.speculative_prompts
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     unknown = [p for p in presets if p not in LOSS_PRESETS]
     if unknown or "standard" not in presets:
         parser.error(f"--presets must include 'standard' and only names of {sorted(LOSS_PRESETS)}; got {presets}")
+    decoded_presets = [p for p in args.speculative_presets.split(",") if p in presets] if cfg["speculative_prompts"] else []
     wall = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -171,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
         curves = {"token": {}, "sequence": {}, **({"exact_match": {}} if pairs is not None else {})}
         forward_cache: dict = {}  # the large model's teacher-forced pass is shared by every preset's curves
+        decoded: dict = {}
         for preset in presets:
             tuned, loss, seconds = finetune(
                 small_state, cfg, preset, large, finetune_data, collator, tokenizer, args.architecture, args.seed,
@@ -195,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 ).small_quality,
             }
             logger.info("fine-tuned %s: train loss %.3f, area %.4f", preset, loss, curves["token"][preset].area)
+            if preset in decoded_presets:
+                decoded[preset] = decode_strategies(cascade, eval_rows, cfg)
+                logger.info("decoded curves of %s in %.0fs", preset, decoded[preset]["seconds"])
 
     summary = {level: summarize_curves(c, baseline="standard") for level, c in curves.items()}
     best = max((p for p in presets if p != "standard"), key=lambda p: summary["token"][p]["area"], default="standard")
@@ -213,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "git": _git_state(),
         "size": args.size,
         "config": cfg,
         "metric": "next-token accuracy on held-out validation blocks (teacher forced)",
@@ -225,8 +299,19 @@ def main(argv: list[str] | None = None) -> int:
         "plots": plots,
         "exact_match_examples": 0 if pairs is None else len(pairs),
     }
+    if decoded:
+        decoded_png = Path(args.output + "_decoded.png")
+        plot_decoded_curves(decoded, decoded_png, title=f"Decoded cascades vs speculative cascades ({args.size}, {device}, batch 1)")
+        plots.append(str(decoded_png))
+        report["decoded"] = decoded
+        report["decoded_summary"] = summarize_decoded(decoded)
+        report["decoded_metric"] = (
+            f"quality: mean log-prob under the large model of the {cfg['new_tokens']} greedy tokens decoded after a "
+            f"{cfg['prompt_len']}-token held-out prompt (batch 1, EOS off); also continuation_accuracy (share equal to "
+            "the held-out reference tokens) and agreement_with_large (share equal to the large model's greedy tokens)"
+        )
     Path(args.output + ".json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({"summary": summary, "best": best, "wall_seconds": report["wall_seconds"]}, indent=2))
+    print(json.dumps({"summary": summary, "best": best, "decoded": report.get("decoded_summary"), "wall_seconds": report["wall_seconds"]}, indent=2))
     return 0
 
 

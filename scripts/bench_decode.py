@@ -4,17 +4,23 @@ One run, side by side:
 1. pre-train a code model on the local Python source corpus (token-level, stock `Trainer`);
 2. fine-tune it twice on the code SFT set (signature + docstring -> body), same steps and data order:
    plain SFT (`noise_length=0`) and MSN (`noise_length=L`), both with `NoisySFTTrainer`; record their clean
-   validation losses;
+   validation losses; build a retrieval datastore from the pre-training corpus's TRAIN split;
 3. on HumanEval prompts (`--humaneval`, the 164-prompt jsonl.gz) and held-out corpus prompts (the SFT test split:
    files never trained on), decode greedily with every method on both models:
    `greedy` (`generate`), `static_greedy` (`cache_implementation="static"`), `prompt_lookup`
-   (`prompt_lookup_num_tokens`), `jacobi` and `tr_jacobi` (this package);
+   (`prompt_lookup_num_tokens=10`), and this package's `jacobi`, `tr_jacobi_msn` (the static 69-node tree),
+   `tr_jacobi` (the default `tree="auto"`) and `tr_jacobi_datastore` (auto + the datastore);
    per prompt: new tokens, model forwards (counted by a forward hook, the same way for every method), wall-clock,
-   and whether the output equals greedy's token for token. By default every method generates exactly
-   `max_new_tokens` (EOS off, so that all methods decode the same length); `--stop_at_eos` stops at EOS.
+   whether the output equals greedy's token for token, and the step overhead ratio: seconds per decoding step
+   (prefill subtracted) over one plain forward of the step's width with the same kind of mask.
+   By default every method generates exactly `max_new_tokens` (EOS off, so that all methods decode the same length);
+   `--stop_at_eos` stops at EOS.
 Writes JSON (device, date, command, versions, every number) and a PNG.
 
-    OMP_NUM_THREADS=2 python scripts/bench_decode.py --size cpu_small --humaneval ../shared/data/HumanEval.jsonl.gz
+Training stages are cached in `--work_dir`; `--stage train` stops before timing (timings need a quiet machine):
+
+    OMP_NUM_THREADS=1 python scripts/bench_decode.py --size cpu_mini --stage train --work_dir /tmp/decode
+    OMP_NUM_THREADS=2 python scripts/bench_decode.py --size cpu_mini --work_dir /tmp/decode --humaneval ../shared/data/HumanEval.jsonl.gz
     python scripts/bench_decode.py --size gpu --bf16 --humaneval ../shared/data/HumanEval.jsonl.gz
 """
 
@@ -24,7 +30,9 @@ import argparse
 import gzip
 import json
 import logging
+import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -35,10 +43,12 @@ import datasets
 import torch
 import transformers
 import trl
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
+from hf_effitrain.data.datastore import build_datastore, load_datastore, save_datastore
 from hf_effitrain.hub.generation_effi import generate as effi_generate
+from hf_effitrain.hub.transformers_compat import model_cache_kwarg
 from hf_effitrain.models.presets import build_model
 from hf_effitrain.training.noisy_sft_config import NoisySFTConfig
 from hf_effitrain.training.noisy_sft_trainer import NoisySFTTrainer
@@ -51,16 +61,25 @@ SIZES = {
         preset="tiny", config_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
         scope="stdlib", max_files=None, vocab_size=1024, block_size=128, pretrain_steps=600, pretrain_batch=16,
         pretrain_lr=3e-3, sft_steps=200, sft_batch=8, sft_lr=1e-3, sft_max_length=192, humaneval_prompts=16,
-        corpus_prompts=16, max_new_tokens=64, repeats=3,
+        corpus_prompts=16, max_new_tokens=64, repeats=3, datastore_tokens=2_000_000,
+    ),
+    # the CPU benchmark size: the `mini` preset (5.3M params at vocab 4096) pre-trained ~15-20 min on 2 cores
+    "cpu_mini": dict(
+        preset="mini", config_overrides="", scope="site", max_files=3000, vocab_size=4096, block_size=256,
+        pretrain_steps=800, pretrain_batch=16, pretrain_lr=2e-3, sft_steps=400, sft_batch=8, sft_lr=5e-4,
+        sft_max_length=256, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=64, repeats=1,
+        datastore_tokens=8_000_000,
     ),
     "gpu": dict(
         # small preset with 8 layers: 33.7M parameters at vocab 8192 (the issue asks for >= 30M)
         preset="small", config_overrides="num_hidden_layers=8", scope="all", max_files=None, vocab_size=8192, block_size=512,
         pretrain_steps=6000, pretrain_batch=32, pretrain_lr=1e-3, sft_steps=1500, sft_batch=16, sft_lr=3e-4,
         sft_max_length=768, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=128, repeats=2,
+        datastore_tokens=50_000_000,
     ),
 }
-METHODS = ("greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi")
+# tr_jacobi = the default (tree="auto"); tr_jacobi_msn = the paper's static 69-node tree
+METHODS = ("greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +92,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stop_at_eos", action="store_true",
                         help="Stop at EOS (default: every method generates exactly max_new_tokens, eos_token_id=None).")
     parser.add_argument("--out", default=None, help="Output path without extension (default scripts/results/decode_<size>).")
-    parser.add_argument("--work_dir", default=None, help="Folder for checkpoints (default: a temp folder).")
+    parser.add_argument("--work_dir", default=None, help="Folder for checkpoints (default: a temp folder); finished "
+                        "training stages found there are reused, so the timing stage can be rerun alone.")
+    parser.add_argument("--pretrain_minutes", type=float, default=None,
+                        help="Stop pre-training after this many minutes (constant learning rate after warm-up; "
+                        "the steps actually taken are recorded). Default: exactly --pretrain_steps, cosine schedule.")
+    parser.add_argument("--time_budget_minutes", type=float, default=None,
+                        help="Stop timing a model's prompts after this many minutes (the report says how many were measured).")
+    parser.add_argument("--models", default="sft,msn",
+                        help="Which fine-tuned models to time (comma-separated from sft,msn): e.g. one per process.")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="Merge the JSON reports of single-model runs (same config) into --out (JSON + PNG) and exit.")
+    parser.add_argument("--stage", choices=("all", "train"), default="all",
+                        help="`train`: pre-train and fine-tune into --work_dir, then stop (timing needs a quiet machine).")
     for key, value in SIZES["cpu_small"].items():
         parser.add_argument(f"--{key}", type=type(value) if value is not None else int, default=None,
                             help=f"override the size preset's value (cpu_small: {value})")
@@ -95,22 +126,61 @@ def _train_args(out: Path, args, **kw) -> dict:
     )
 
 
-def pretrain(args, corpus, tokenizer, work: Path):
-    """A token-level code model pre-trained with the stock `Trainer` on packed corpus blocks."""
+class TimeBudget(TrainerCallback):
+    """Stops training once `seconds` of wall-clock have passed (the machine's load decides how many steps that is)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start >= self.seconds:
+            control.should_training_stop = True
+
+
+def _load_state(work: Path) -> dict:
+    path = work / "train.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(work: Path, state: dict) -> None:
+    (work / "train.json").write_text(json.dumps(state, indent=1))
+
+
+def pretrain(args, corpus, tokenizer, work: Path) -> Path:
+    """A token-level code model pre-trained with the stock `Trainer` on packed corpus blocks (reused from `--work_dir`)."""
+    out = work / "pretrain"
+    state = _load_state(work)
+    if (out / "model.safetensors").exists() and "pretrain_seconds" in state:
+        logger.info("reusing the pre-trained checkpoint in %s", out)
+        return out
     blocks = pack_dataset(corpus["train"], tokenizer, args.block_size)
     model = build_model(
         args.preset, args.architecture, vocab_size=len(tokenizer), max_position_embeddings=max(1024, args.sft_max_length + args.max_new_tokens),
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         seed=0, **parse_config_overrides(args.config_overrides),
     )
-    targs = TrainingArguments(**_train_args(work / "pretrain", args, max_steps=args.pretrain_steps,
-                                            per_device_train_batch_size=args.pretrain_batch, learning_rate=args.pretrain_lr))
-    trainer = Trainer(model=model, args=targs, train_dataset=blocks, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    targs = _train_args(out, args, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch,
+                        learning_rate=args.pretrain_lr)
+    callbacks = []
+    if args.pretrain_minutes:
+        targs.update(lr_scheduler_type="constant_with_warmup", warmup_steps=20)
+        callbacks.append(TimeBudget(args.pretrain_minutes * 60))
+    trainer = Trainer(model=model, args=TrainingArguments(**targs), train_dataset=blocks,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
-    logger.info("pre-trained %d params for %d steps in %.0fs", model.num_parameters(), args.pretrain_steps, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    steps = trainer.state.global_step
+    logger.info("pre-trained %d params for %d steps in %.0fs", model.num_parameters(), steps, seconds)
     trainer.save_model()
-    return work / "pretrain"
+    state.update(pretrain_seconds=seconds, pretrain_steps=steps, pretrain_tokens=steps * args.pretrain_batch * args.block_size,
+                 pretrain_loss=[r["loss"] for r in trainer.state.log_history if "loss" in r][-1:])
+    _save_state(work, state)
+    return out
 
 
 def fine_tune(args, pretrained: Path, tokenizer, sft, noise_length: int, work: Path):
@@ -119,9 +189,15 @@ def fine_tune(args, pretrained: Path, tokenizer, sft, noise_length: int, work: P
     The model returned is reloaded from the saved checkpoint: the trained in-memory model keeps trl's fused-LM-head
     forward wrapper, which is not what a user decodes with.
     """
+    out = work / f"sft_L{noise_length}"
+    state = _load_state(work)
+    key = f"sft_L{noise_length}_eval_loss"
+    if (out / "model.safetensors").exists() and key in state:
+        logger.info("reusing the fine-tuned checkpoint in %s", out)
+        return transformers.AutoModelForCausalLM.from_pretrained(out).eval(), state[key]
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained)
     config = NoisySFTConfig(**_train_args(
-        work / f"sft_L{noise_length}", args, max_steps=args.sft_steps, per_device_train_batch_size=args.sft_batch,
+        out, args, max_steps=args.sft_steps, per_device_train_batch_size=args.sft_batch,
         per_device_eval_batch_size=args.sft_batch, learning_rate=args.sft_lr, max_length=args.sft_max_length,
         gradient_checkpointing=False, noise_length=noise_length, use_cpu=not torch.cuda.is_available(),
     ))
@@ -134,6 +210,10 @@ def fine_tune(args, pretrained: Path, tokenizer, sft, noise_length: int, work: P
     loss = trainer.evaluate()["eval_loss"]
     logger.info("SFT noise_length=%d: eval loss %.4f (%.0fs)", noise_length, loss, time.perf_counter() - start)
     trainer.save_model()  # decode from the saved checkpoint, as a user would (not trl's training-time forward wrapper)
+    state = _load_state(work)
+    state[key] = loss
+    state[f"sft_L{noise_length}_seconds"] = time.perf_counter() - start
+    _save_state(work, state)
     return transformers.AutoModelForCausalLM.from_pretrained(config.output_dir).eval(), loss
 
 
@@ -168,7 +248,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def decode(model, ids, method: str, max_new_tokens: int, pad_id: int, stop_at_eos: bool = False):
+def decode(model, ids, method: str, max_new_tokens: int, pad_id: int, stop_at_eos: bool = False, datastore=None):
     common = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
     if not stop_at_eos:
         common["eos_token_id"] = None
@@ -178,59 +258,155 @@ def decode(model, ids, method: str, max_new_tokens: int, pad_id: int, stop_at_eo
         return model.generate(ids, cache_implementation="static", **common)
     if method == "prompt_lookup":
         return model.generate(ids, prompt_lookup_num_tokens=10, max_matching_ngram_size=3, **common)
-    return effi_generate(model, ids, strategy=method, **common)
+    ours = dict(return_dict_in_generate=True, **common)
+    if method == "jacobi":
+        return effi_generate(model, ids, strategy="jacobi", **ours)
+    if method == "tr_jacobi_msn":
+        return effi_generate(model, ids, strategy="tr_jacobi", tree="msn", **ours)
+    if method == "tr_jacobi":  # the default: tree="auto"
+        return effi_generate(model, ids, strategy="tr_jacobi", **ours)
+    if method == "tr_jacobi_datastore":
+        return effi_generate(model, ids, strategy="tr_jacobi", datastore=datastore, **ours)
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
-def measure(model, tokenizer, prompts, args) -> dict:
+def _interval(values: list[float]) -> list[float]:
+    """Mean and its 95% interval over prompts (normal approximation)."""
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return [mean, mean - half, mean + half]
+
+
+class ReferenceForward:
+    """Seconds of ONE plain forward of `width` new tokens over a cache of `cache_len` positions, with the mask a
+    decoding step of that width passes (a 4D tree-shaped mask; the model's own causal mask for width 1 and for chains).
+    The step overhead ratio is a method's seconds per step over this."""
+
+    def __init__(self, model, ids: torch.Tensor, repeats: int = 5):
+        self.model, self.ids, self.repeats = model, ids, repeats
+        self.cached: dict[tuple[int, bool], float] = {}
+
+    @torch.inference_mode()
+    def __call__(self, width: int, tree_mask: bool) -> float:
+        key = (width, tree_mask and width > 1)
+        if key in self.cached:
+            return self.cached[key]
+        model, ids = self.model, self.ids
+        cache = transformers.DynamicCache(config=model.config)
+        name = model_cache_kwarg(model)
+        model(input_ids=ids, use_cache=True, **{name: cache})
+        length = cache.get_seq_length()
+        tokens = ids[:, :width] if width <= ids.shape[1] else ids[:, :1].expand(1, width)
+        positions = torch.arange(length, length + width, device=ids.device)[None]
+        mask = None
+        if key[1]:
+            dtype = model.dtype
+            mask = torch.zeros(width, length + width, dtype=dtype, device=ids.device)
+            mask[:, length:] = torch.full((width, width), torch.finfo(dtype).min, dtype=dtype, device=ids.device).triu(1)
+            mask = mask[None, None]
+        best = float("inf")
+        for _ in range(self.repeats):
+            _sync()
+            start = time.perf_counter()
+            model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{name: cache})
+            _sync()
+            best = min(best, time.perf_counter() - start)
+            cache.crop(-width)
+        self.cached[key] = best
+        return best
+
+
+def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
     """Per method: per-prompt tokens, forwards, seconds, agreement with greedy; plus the totals.
 
     Methods are interleaved prompt by prompt (greedy first), so that a change in machine load hits all of them alike,
     and each (prompt, method) time is the minimum of `--repeats` runs.
     """
+    methods = [m for m in METHODS if m != "tr_jacobi_datastore" or datastore is not None]
     counter = ForwardCounter(model)
     encoded = [tokenizer(p["text"], return_tensors="pt")["input_ids"].to(model.device) for p in prompts]
-    rows = {method: [] for method in METHODS}
-    # warm-up on the longest prompt at full length: the allocator, and static-cache greedy's cache (sized to the
-    # longest call so far) and auto-compiled forward on CUDA reach their final shapes here, not inside a timed call
+    rows = {method: [] for method in methods}
+    # warm-up on the longest prompt at full length: the allocator, static-cache greedy's cache (sized to the longest
+    # call so far), the auto-compiled forward on CUDA, and the auto tree's one-off forward-cost measurement
     longest = max(encoded, key=lambda ids: ids.shape[1])
-    for method in METHODS:
-        decode(model, longest, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos)
+    for method in methods:
+        decode(model, longest, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore)
+    median = sorted(encoded, key=lambda ids: ids.shape[1])[len(encoded) // 2]
+    reference = ReferenceForward(model, median)
+    started = time.perf_counter()
     for i, ids in enumerate(encoded):
-        reference = None
-        for method in METHODS:
+        if args.time_budget_minutes and time.perf_counter() - started > 60 * args.time_budget_minutes:
+            logger.warning("time budget reached: %d of %d prompts measured", i, len(encoded))
+            break
+        if i % 20 == 0:
+            logger.info("prompt %d / %d (%.0fs)", i, len(encoded), time.perf_counter() - started)
+        with torch.inference_mode():  # the prefill alone: subtracted to get the seconds of the decoding steps
+            prefill = min(_timed(lambda: model(input_ids=ids)) for _ in range(max(2, args.repeats)))
+        expected = None
+        for method in methods:
             timings = []
             for _ in range(args.repeats):  # the minimum over repeats: robust to bursts of load from other jobs
                 counter.count = 0
                 _sync()
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = decode(model, ids, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos)
+                    out = decode(model, ids, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore)
                 _sync()
                 timings.append(time.perf_counter() - start)
             seconds = min(timings)
-            new = out[0, ids.shape[1] :]
-            reference = new if reference is None else reference  # METHODS[0] is greedy
-            rows[method].append({
-                "prompt": prompts[i]["id"], "source": prompts[i]["source"], "new_tokens": int(new.numel()),
-                "forwards": counter.count, "seconds": seconds, "agrees_with_greedy": bool(torch.equal(new, reference)),
-            })
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            new = sequences[0, ids.shape[1] :]
+            expected = new if expected is None else expected  # METHODS[0] is greedy
+            steps = max(1, counter.count - 1)
+            sizes = getattr(out, "tree_sizes", None)
+            width = statistics.fmean(sizes) if sizes else (1.0 if method in ("greedy", "static_greedy") else None)
+            row = {
+                "prompt": prompts[i]["id"], "source": prompts[i]["source"], "prompt_tokens": int(ids.shape[1]),
+                "new_tokens": int(new.numel()), "forwards": counter.count, "seconds": seconds, "prefill_seconds": prefill,
+                "agrees_with_greedy": bool(torch.equal(new, expected)), "mean_tree_size": width,
+            }
+            if width is not None:  # seconds per decoding step over one plain forward of that width, same mask
+                plain = reference(max(1, round(width)), tree_mask=method.startswith("tr_jacobi"))
+                row["step_ms"] = 1e3 * max(seconds - prefill, 0.0) / steps
+                row["step_overhead_ratio"] = row["step_ms"] / (1e3 * plain)
+            rows[method].append(row)
     results = {}
-    for method in METHODS:
-        tokens, seconds = sum(r["new_tokens"] for r in rows[method]), sum(r["seconds"] for r in rows[method])
-        results[method] = {
+    greedy_rate = sum(r["new_tokens"] for r in rows["greedy"]) / sum(r["seconds"] for r in rows["greedy"])
+    for method in methods:
+        mine = rows[method]
+        tokens, seconds = sum(r["new_tokens"] for r in mine), sum(r["seconds"] for r in mine)
+        result = {
+            "prompts_measured": len(mine),
             "tokens_per_second": tokens / seconds,
-            "tokens_per_forward": tokens / max(1, sum(r["forwards"] for r in rows[method])),
-            "agreement": sum(r["agrees_with_greedy"] for r in rows[method]) / len(rows[method]),
+            "speedup_vs_greedy": tokens / seconds / greedy_rate,
+            "tokens_per_forward": tokens / max(1, sum(r["forwards"] for r in mine)),
+            "tokens_per_forward_95": _interval([r["new_tokens"] / r["forwards"] for r in mine]),
+            "agreement": sum(r["agrees_with_greedy"] for r in mine) / len(mine),
             "total_seconds": seconds,
-            "per_prompt": rows[method],
         }
-        results[method]["speedup_vs_greedy"] = results[method]["tokens_per_second"] / (
-            sum(r["new_tokens"] for r in rows["greedy"]) / sum(r["seconds"] for r in rows["greedy"])
-        )
-        logger.info("%-14s %.1f tok/s (%.2fx greedy), %.2f tokens/forward, agreement %.2f", method,
-                    results[method]["tokens_per_second"], results[method]["speedup_vs_greedy"],
-                    results[method]["tokens_per_forward"], results[method]["agreement"])
+        if all("step_ms" in r for r in mine):
+            result["step_ms"] = statistics.fmean(r["step_ms"] for r in mine)
+            result["step_overhead_ratio"] = statistics.median(r["step_overhead_ratio"] for r in mine)
+            result["mean_tree_size"] = statistics.fmean(r["mean_tree_size"] for r in mine)
+        for source in sorted({r["source"] for r in mine}):
+            part = [r for r in mine if r["source"] == source]
+            base = [r for r in rows["greedy"] if r["source"] == source]
+            result[f"speedup_vs_greedy_{source}"] = (sum(r["new_tokens"] for r in part) / sum(r["seconds"] for r in part)) / (
+                sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base))
+        result["per_prompt"] = mine
+        results[method] = result
+        logger.info("%-20s %.1f tok/s (%.2fx greedy), %.2f tokens/forward, step overhead %s, agreement %.2f", method,
+                    result["tokens_per_second"], result["speedup_vs_greedy"], result["tokens_per_forward"],
+                    f"{result['step_overhead_ratio']:.2f}x" if "step_overhead_ratio" in result else "-", result["agreement"])
     return results
+
+
+def _timed(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
 
 
 def plot(report: dict, path: Path) -> None:
@@ -239,27 +415,72 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     models = list(report["decoding"])
+    methods = [m for m in METHODS if all(m in report["decoding"][name] for name in models)]
     width = 0.8 / len(models)
     for m, name in enumerate(models):
-        for ax, key in zip(axes, ("speedup_vs_greedy", "tokens_per_forward")):
-            values = [report["decoding"][name][method][key] for method in METHODS]
-            ax.bar([i + m * width for i in range(len(METHODS))], values, width, label=name)
-    for ax, title in zip(axes, ("wall-clock speedup over greedy generate", "new tokens per forward")):
-        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(METHODS))], METHODS, rotation=20)
-        ax.set_title(title)
+        res = report["decoding"][name]
+        xs = [i + m * width for i in range(len(methods))]
+        axes[0].bar(xs, [res[k]["speedup_vs_greedy"] for k in methods], width, label=name)
+        tpf = [res[k]["tokens_per_forward_95"] for k in methods]
+        axes[1].bar(xs, [t[0] for t in tpf], width, yerr=[[t[0] - t[1] for t in tpf], [t[2] - t[0] for t in tpf]], capsize=2, label=name)
+        axes[2].bar(xs, [res[k].get("step_overhead_ratio", 0.0) for k in methods], width, label=name)
+    titles = ("wall-clock speedup over greedy generate", "new tokens per forward (95% interval)",
+              "step time / one plain forward of that width")
+    for ax, title in zip(axes, titles):
+        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(methods))], methods, rotation=25, fontsize=8)
+        ax.set_title(title, fontsize=10)
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.legend()
+        ax.legend(fontsize=8)
     loss = report["validation_loss"]
-    fig.suptitle(f"{report['device']} | val loss SFT {loss['sft']:.3f} vs MSN {loss['msn']:.3f} | {report['config']['size']}")
+    losses = " vs ".join(f"{name.upper()} {loss[name]:.3f}" for name in ("sft", "msn") if name in loss)
+    fig.suptitle(f"{report['device']} | {report['date'][:10]} | val loss {losses} | {report['config']['size']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def prepare_datastore(args, corpus, tokenizer, work: Path):
+    """The retrieval datastore of the pre-training corpus's TRAIN split (held-out prompts cannot retrieve themselves),
+    saved under `--work_dir` and reloaded from disk as a user would."""
+    if not args.datastore_tokens:
+        return None
+    path = work / "datastore"
+    if not (path / "datastore.json").exists():
+        start = time.perf_counter()
+        save_datastore(build_datastore(corpus, tokenizer, split="train", max_tokens=args.datastore_tokens), path)
+        logger.info("datastore built in %.0fs", time.perf_counter() - start)
+    return load_datastore(path, tokenizer=tokenizer)
+
+
+def merge(paths: list[str], out: Path) -> dict:
+    """One report from single-model reports of the same configuration (e.g. `--models sft` and `--models msn` run
+    side by side, one process each)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    report = reports[0]
+    for other in reports[1:]:
+        report["decoding"].update(other["decoding"])
+        report["validation_loss"].update(other["validation_loss"])
+        report.setdefault("merged_from", []).append(other["command"])
+    loss = report["validation_loss"]
+    if "sft" in loss and "msn" in loss:
+        loss["msn_over_sft"] = loss["msn"] / loss["sft"]
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(report, out.with_suffix(".png"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return 0
     transformers.logging.set_verbosity_warning()
     torch.manual_seed(0)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_decode_"))
@@ -267,6 +488,13 @@ def main(argv=None) -> int:
     tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size)
     sft = build_code_sft_dataset("python", scope=args.scope, max_files=args.max_files)
     pretrained = pretrain(args, corpus, tokenizer, work)
+    if args.stage == "train":
+        for noise_length in (0, args.noise_length):
+            fine_tune(args, pretrained, tokenizer, sft, noise_length, work)
+        prepare_datastore(args, corpus, tokenizer, work)
+        print(json.dumps(_load_state(work), indent=1))
+        return 0
+    datastore = prepare_datastore(args, corpus, tokenizer, work)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     prompts = load_prompts(args, sft)
@@ -276,20 +504,24 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version()},
         "config": vars(args), "dtype": str(dtype), "num_prompts": {"humaneval": sum(p["source"] == "humaneval" for p in prompts), "corpus": sum(p["source"] == "corpus" for p in prompts)},
-        "validation_loss": {}, "decoding": {},
+        "training": _load_state(work), "validation_loss": {}, "decoding": {},
+        "datastore": None if datastore is None else {"tokens": len(datastore), **datastore.metadata},
         "note": "CPU timings are noisy: the cores are shared with other jobs." if device == "cpu" else "",
     }
+    out = Path(args.out)
+    wanted = args.models.split(",")
     for name, noise_length in (("sft", 0), ("msn", args.noise_length)):
         model, loss = fine_tune(args, pretrained, tokenizer, sft, noise_length, work)
         report["validation_loss"][name] = loss
+        if name not in wanted:
+            continue
         report["parameters"] = model.num_parameters()
-        report["decoding"][name] = measure(model.to(device=device, dtype=dtype), tokenizer, prompts, args)
+        report["decoding"][name] = measure(model.to(device=device, dtype=dtype), tokenizer, prompts, args, datastore)
+        write_report(report, out)  # after each model: a partial report survives an interrupted run
     report["validation_loss"]["msn_over_sft"] = report["validation_loss"]["msn"] / report["validation_loss"]["sft"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
-    summary = {name: {m: {k: round(v[k], 3) for k in ("speedup_vs_greedy", "tokens_per_forward", "agreement")} for m, v in res.items()} for name, res in report["decoding"].items()}
+    write_report(report, out)
+    keys = ("speedup_vs_greedy", "tokens_per_forward", "step_overhead_ratio", "mean_tree_size", "agreement")
+    summary = {name: {m: {k: round(v[k], 3) for k in keys if k in v} for m, v in res.items()} for name, res in report["decoding"].items()}
     print(json.dumps({"validation_loss": report["validation_loss"], "decoding": summary}, indent=1))
     return 0
 

@@ -1,17 +1,23 @@
 """Benchmark of patch-level training: does it reach the token-level loss at about half the compute?
 
 One run, side by side, same initialisation, same tokenizer, same packed blocks, same validation blocks:
-1. `token`      token-level training on N tokens (the baseline);
-2. `patch`      patch-level (K=4, lambda=2/3 by default) then token-level training on the same N tokens
-                (relative compute lambda/K + 1 - lambda = 0.5);
-3. `token_half` token-level training on N/2 tokens (the equal-compute baseline).
+1. `token`           token-level training on N tokens (the baseline);
+2. `patch`           patch-level (K=4, lambda=2/3 by default) then token-level training on the same N tokens with
+                     the default equal-tokens batching (the authors': every optimizer step consumes the same
+                     tokens in both stages, a patch step has 1/K of the positions; relative compute
+                     lambda/K + 1 - lambda = 0.5);
+3. `patch_positions` the same with `patch_batching="equal_positions"` (a patch step has a token step's positions,
+                     K times its tokens, so the patch stage takes K times fewer optimizer steps; same compute);
+4. `token_half`      token-level training on N/2 tokens (the equal-compute baseline).
 Every run evaluates the TOKEN-level validation loss at regular points (and at step 0); each point records training
 tokens, estimated training FLOPs (6 N + attention, per position) and training wall-clock (the optimizer steps only,
-evaluation excluded). Writes JSON (device, date, command, versions, every number) and a PNG.
+evaluation excluded). Writes JSON (device, date, command, versions, every number, the data regime: tokens per
+parameter and passes over the data) and a PNG.
 
-Presets (`--size`); any flag overrides the preset's value:
-    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_small          # 0.23M llama, 3.5 tok/param, ~4 min
-    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_long           # 0.05M llama, ~45 tok/param, ~6 min
+Presets (`--size`); any flag overrides the preset's value (times: one thread on a loaded shared 2-core box):
+    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_small          # 0.23M llama, 3.5 tok/param, ~6 min
+    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_long           # 0.05M llama, ~45 tok/param, ~20 min
+    OMP_NUM_THREADS=1 python scripts/bench_patch.py --size cpu_rich           # 0.03M llama, ~300 tok/param (data-rich), ~45 min
     python scripts/bench_patch.py --size gpu --bf16                            # ~30M llama, 60M tokens, 'all' scope
     python scripts/bench_patch.py --size gpu_long --bf16                       # ~10M llama, 300M tokens (~30 tok/param)
 """
@@ -23,6 +29,7 @@ import copy
 import json
 import logging
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +44,7 @@ from hf_effitrain.data import load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.models.presets import build_model
 from hf_effitrain.training.patch_config import PatchTrainingArguments
 from hf_effitrain.training.patch_data import collate_blocks
+from hf_effitrain.training.patch_schedule import PatchSchedule
 from hf_effitrain.training.patch_trainer import PatchTrainer
 from hf_effitrain.training.pretrain import parse_config_overrides
 
@@ -53,6 +61,11 @@ SIZES = {
         batch_size=16, grad_accum=1, tokens=2_400_000, learning_rate=3e-3, warmup_ratio=0.05, evals=8,
         max_eval_blocks=200,
     ),
+    "cpu_rich": dict(  # data-rich: 29.9k params (tied embeddings, vocab 288), 9M tokens = ~300 tokens/param, >1 pass
+        preset="tiny", config_overrides="tie_word_embeddings=true", scope="stdlib", max_files=600, vocab_size=288,
+        block_size=64, batch_size=32, grad_accum=1, tokens=9_000_000, learning_rate=3e-3, warmup_ratio=0.05, evals=8,
+        max_eval_blocks=200,
+    ),
     "gpu": dict(  # small preset with 8 layers: 33.7M parameters at vocab 8192 (the issue asks for >= 30M)
         preset="small", config_overrides="num_hidden_layers=8", scope="all", max_files=None, vocab_size=8192, block_size=512,
         batch_size=32, grad_accum=1, tokens=60_000_000, learning_rate=1e-3, warmup_ratio=0.02, evals=12,
@@ -64,7 +77,10 @@ SIZES = {
         tokens=300_000_000, learning_rate=2e-3, warmup_ratio=0.02, evals=12, max_eval_blocks=512,
     ),
 }
-RUNS = ("token", "patch", "token_half")
+RUNS = ("token", "patch", "patch_positions", "token_half")
+BATCHING = {"patch": "equal_tokens", "patch_positions": "equal_positions"}
+LABELS = {"token": "token, N", "patch": "patch, equal tokens/step (default)", "patch_positions": "patch, equal positions/step",
+          "token_half": "token, N/2 (equal compute)"}
 
 
 class StepTimer(TrainerCallback):
@@ -110,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-files", type=int)
     parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--block-size", type=int, help="T: tokens per token-level sequence = patches per patch-level one")
-    parser.add_argument("--batch-size", type=int, help="sequences per device per micro-batch")
+    parser.add_argument("--batch-size", type=int, help="sequences per device per token-level micro-batch (a multiple of K)")
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--tokens", type=float, help="N: token budget of the full runs")
     parser.add_argument("--learning-rate", type=float)
@@ -152,13 +168,19 @@ def prepare_data(args):
 def run_one(name, args, initial_model, train, validation, out_dir) -> dict:
     global_batch = args.batch_size * args.grad_accum
     budget_steps = args.tokens // (global_batch * args.block_size)
-    patch = name == "patch"
+    patch = name in BATCHING
+    batching = BATCHING.get(name, "equal_tokens")
     if name == "token_half":
         budget_steps //= 2
-    steps_estimate = budget_steps - (round(args.patch_fraction * budget_steps / args.patch_size) * (args.patch_size - 1) if patch else 0)
+    steps_estimate = budget_steps
+    if patch:
+        steps_estimate = PatchSchedule.plan(
+            patch_size=args.patch_size, patch_fraction=args.patch_fraction, block_size=args.block_size,
+            global_batch=global_batch, budget_steps=budget_steps, batching=batching,
+        ).total_steps
     training_args = PatchTrainingArguments(
         output_dir=str(out_dir / name), patch_size=args.patch_size if patch else 1,
-        patch_fraction=args.patch_fraction if patch else 0.0, patch_reset_optimizer=not args.no_reset,
+        patch_fraction=args.patch_fraction if patch else 0.0, patch_batching=batching, patch_reset_optimizer=not args.no_reset,
         max_steps=budget_steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=args.warmup_ratio, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
@@ -182,7 +204,9 @@ def run_one(name, args, initial_model, train, validation, out_dir) -> dict:
     schedule = trainer.patch_schedule
     logger.info("%s: eval_loss %.4f after %d tokens, %.3g FLOPs, %.1f s of training", name, final["eval_loss"], final["train_tokens"], final["train_flops"], timer.seconds)
     return {
-        "patch_size": schedule.patch_size, "patch_fraction": schedule.effective_fraction,
+        "patch_size": schedule.patch_size, "patch_fraction": schedule.effective_fraction, "patch_batching": batching if patch else None,
+        "tokens_per_optimizer_step": {"patch": schedule.patch_sequences_per_step * schedule.patch_size * schedule.block_size if patch else None,
+                                      "token": schedule.global_batch * schedule.block_size},
         "budget_tokens": schedule.budget_tokens, "patch_steps": schedule.patch_steps, "token_steps": schedule.token_steps,
         "optimizer_steps": trainer.state.global_step, "final_eval_loss": final["eval_loss"],
         "train_tokens": final["train_tokens"], "train_flops": final["train_flops"], "train_seconds": timer.seconds,
@@ -202,21 +226,32 @@ def flops_to_reach(curve: list[dict], target: float) -> float | None:
 
 
 def summarize(results: dict) -> dict:
+    """Per patch run (`patch`, `patch_positions`): its FLOPs and loss against `token` and `token_half`."""
     summary = {}
-    token, patch, half = (results.get(k) for k in RUNS)
-    if token and patch:
-        reach = flops_to_reach(patch["curve"], token["final_eval_loss"])
-        summary.update(
-            patch_over_token_flops=patch["train_flops"] / token["train_flops"],
-            patch_over_token_seconds=patch["train_seconds"] / token["train_seconds"],
-            patch_minus_token_loss=patch["final_eval_loss"] - token["final_eval_loss"],
-            patch_reaches_token_loss=reach is not None,
-            patch_flops_to_token_loss_fraction=None if reach is None else reach / token["train_flops"],
-        )
-    if half and patch:
-        summary["patch_minus_token_half_loss"] = patch["final_eval_loss"] - half["final_eval_loss"]
-        summary["equal_compute_winner"] = "patch" if patch["final_eval_loss"] < half["final_eval_loss"] else "token_half"
+    token, half = results.get("token"), results.get("token_half")
+    for name in BATCHING:
+        patch = results.get(name)
+        if not patch:
+            continue
+        if token:
+            reach = flops_to_reach(patch["curve"], token["final_eval_loss"])
+            summary.update({
+                f"{name}_over_token_flops": patch["train_flops"] / token["train_flops"],
+                f"{name}_over_token_seconds": patch["train_seconds"] / token["train_seconds"],
+                f"{name}_minus_token_loss": patch["final_eval_loss"] - token["final_eval_loss"],
+                f"{name}_reaches_token_loss": reach is not None,
+                f"{name}_flops_to_token_loss_fraction": None if reach is None else reach / token["train_flops"],
+            })
+        if half:
+            summary[f"{name}_minus_token_half_loss"] = patch["final_eval_loss"] - half["final_eval_loss"]
+            summary[f"{name}_equal_compute_winner"] = name if patch["final_eval_loss"] < half["final_eval_loss"] else "token_half"
     return summary
+
+
+def data_regime(tokens_per_parameter: float, passes: float) -> str:
+    """A label for the data regime of a run (the paper: gains need large data; ~1,000 tokens per parameter)."""
+    kind = "data-rich" if tokens_per_parameter >= 300 else "data-poor" if tokens_per_parameter < 20 else "moderate data"
+    return f"{kind}: {tokens_per_parameter:.0f} tokens/param, {passes:.2f} passes over the training data"
 
 
 def plot(results: dict, path: Path, title: str) -> None:
@@ -229,7 +264,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     for name, run in results.items():
         points = [p for p in run["curve"] if p["step"] > 0]
         for ax, key in zip(axes, ("train_flops", "train_tokens", "train_seconds")):
-            line, = ax.plot([p[key] for p in points], [p["eval_loss"] for p in points], marker="o", label=name)
+            line, = ax.plot([p[key] for p in points], [p["eval_loss"] for p in points], marker="o", label=LABELS.get(name, name))
             in_patch = [p for p in points if p["patch_stage"]]
             if in_patch:  # patch-stage points hollow: their token-level loss, measured before the switch
                 ax.plot([p[key] for p in in_patch], [p["eval_loss"] for p in in_patch], "o", mfc="white", color=line.get_color())
@@ -250,9 +285,19 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 def plot_title(report: dict) -> str:
     c = report["config"]
-    return (f"{c['architecture']} {c['parameters'] / 1e6:.2f}M params, N={c['tokens'] / 1e6:.1f}M tokens "
-            f"({c['tokens_per_parameter']:.1f} tok/param), K={c['patch_size']}, lambda={c['patch_fraction']:.3f}, "
-            f"{report['device']}")
+    regime = c.get("data_regime") or data_regime(c["tokens_per_parameter"], c["passes_over_data"])
+    return (f"{c['architecture']} {c['parameters'] / 1e6:.3f}M params, N={c['tokens'] / 1e6:.1f}M tokens, K={c['patch_size']}, "
+            f"lambda={c['patch_fraction']:.3f}, {report['device']}\n{regime}")
+
+
+def git_state() -> dict:
+    """The checkout's commit and whether it had uncommitted changes (then the commit alone does not identify the code)."""
+    def git(*args):
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
 
 
 def main(argv=None) -> int:
@@ -288,17 +333,20 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        **git_state(),
         "config": {**vars(args), "parameters": params, "train_tokens_available": train_tokens_available,
                    "passes_over_data": args.tokens / train_tokens_available, "tokens_per_parameter": args.tokens / params,
+                   "data_regime": data_regime(args.tokens / params, args.tokens / train_tokens_available),
                    "validation_tokens": len(validation) * args.block_size},
         "runs": results,
         "summary": summarize(results),
         "notes": "FLOPs are the PatchTrainer estimate 6*N_params + 6*layers*T*d per position; seconds count optimizer "
-                 "steps only. CPU timings on shared cores are noisy.",
+                 "steps only. CPU timings on shared cores are noisy. train_tokens = tokens seen (patch runs see N "
+                 "tokens at half the FLOPs; token_half sees N/2).",
     }
     output.write_text(json.dumps(report, indent=2))
     plot(results, output.with_suffix(".png"), plot_title(report))
-    print(json.dumps({"output": str(output), "summary": report["summary"],
+    print(json.dumps({"output": str(output), "data_regime": report["config"]["data_regime"], "summary": report["summary"],
                       "final_eval_loss": {k: v["final_eval_loss"] for k, v in results.items()}}, indent=2))
     return 0
 

@@ -5,6 +5,7 @@ trainer in `hf_effitrain.training.cascade_trainer`.
 """
 
 from .curves import METRICS, DeferralCurve, deferral_curve, forward_flops_per_token, summarize_curves
+from .decoding_curves import DecodedCurve, decoded_curves, plot_decoded_curves
 from .loss import CASES, DEFAULT_PRESET, LOSS_PRESETS, CascadeLossWeights, cascade_aware_loss, resolve_loss_weights, token_cases
 from .plotting import plot_deferral_curves
 
@@ -14,10 +15,13 @@ __all__ = [
     "LOSS_PRESETS",
     "METRICS",
     "CascadeLossWeights",
+    "DecodedCurve",
     "DeferralCurve",
     "cascade_aware_loss",
+    "decoded_curves",
     "deferral_curve",
     "forward_flops_per_token",
+    "plot_decoded_curves",
     "plot_deferral_curves",
     "resolve_loss_weights",
     "summarize_curves",

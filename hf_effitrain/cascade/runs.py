@@ -98,10 +98,12 @@ def packed_splits(data_args: CascadeDataArguments, tokenizer, splits=("train", "
     return out
 
 
-def run_cascade_train(model_args: CascadeModelArguments, data_args: CascadeDataArguments, training_args) -> dict[str, Any]:
-    """Fine-tune the small model with the cascade-aware loss; save it and the resulting cascade (safetensors)."""
+def run_cascade_train(model_args: CascadeModelArguments, data_args: CascadeDataArguments, training_args, callbacks: tuple = ()) -> dict[str, Any]:
+    """Fine-tune the small model with the cascade-aware loss; save it and the resulting cascade (safetensors);
+    `callbacks` are extra `TrainerCallback`s (e.g. a time budget)."""
     from hf_effitrain.training.cascade_trainer import CascadeAwareTrainer
     from hf_effitrain.training.pretrain import resolve_resume_checkpoint
+    from hf_effitrain.training.resume import train_or_restore
 
     small, large, tokenizer = load_members(model_args)
     with training_args.main_process_first(desc="corpus and packing"):
@@ -114,8 +116,9 @@ def run_cascade_train(model_args: CascadeModelArguments, data_args: CascadeDataA
         eval_dataset=data["validation"] if len(data["validation"]) else None,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
-    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args))
+    result = train_or_restore(trainer, resolve_resume_checkpoint(training_args))
     trainer.save_model()
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
@@ -150,8 +153,21 @@ class CascadeEvalArguments:
     max_examples: int | None = field(default=64, metadata={"help": "exact_match: at most this many prompt/completion pairs."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "exact_match: decoding budget (default: the reference length)."})
     output_dir: str = field(default="cascade_eval", metadata={"help": "Folder for deferral_curve.json and deferral_curve.png."})
+    decoded_prompts: int = field(
+        default=0,
+        metadata={"help": "Also decode this many held-out blocks (batch 1, greedy) with every strategy: sequence / token cascades, "
+                          "speculative cascades (chow, diff, opt) and speculative decoding; writes decoded_curves.json / .png. 0: skip."},
+    )
+    decoded_prompt_len: int = field(default=32, metadata={"help": "Decoded curves: prompt tokens taken from each block."})
+    decoded_new_tokens: int = field(default=32, metadata={"help": "Decoded curves: tokens decoded and compared with the block's next tokens."})
+    cascade_draft_len: int = field(default=4, metadata={"help": "Decoded curves: small-model drafts per large forward (speculative strategies)."})
 
     def __post_init__(self) -> None:
+        for name in ("decoded_prompt_len", "decoded_new_tokens", "cascade_draft_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.decoded_prompts < 0:
+            raise ValueError(f"decoded_prompts must be >= 0 (0 skips the decoded curves), got {self.decoded_prompts}.")
         if self.metric not in METRICS:
             raise ValueError(f"Unknown metric {self.metric!r}; valid metrics are {list(METRICS)}.")
         if self.split not in EVAL_SPLITS:
@@ -194,7 +210,35 @@ def run_cascade_eval(model_args: CascadeModelArguments, data_args: CascadeDataAr
     out.mkdir(parents=True, exist_ok=True)
     (out / "deferral_curve.json").write_text(json.dumps(curve.to_dict(), indent=2))
     plot_deferral_curves({"cascade": curve}, out / "deferral_curve.png")
-    return {"output_dir": str(out), **summarize_curves({"cascade": curve})["cascade"]}
+    summary = {"output_dir": str(out), **summarize_curves({"cascade": curve})["cascade"]}
+    if eval_args.decoded_prompts:
+        summary["decoded"] = _decoded_eval(cascade, data_args, eval_args, tokenizer, out)
+    return summary
+
+
+def _decoded_eval(cascade, data_args: CascadeDataArguments, eval_args: CascadeEvalArguments, tokenizer, out: Path) -> dict[str, Any]:
+    """Decoded curves on the split's first blocks: prompt = the first tokens, reference = the next ones."""
+    import torch
+
+    from .decoding_curves import decoded_curves, plot_decoded_curves
+
+    needed = eval_args.decoded_prompt_len + eval_args.decoded_new_tokens
+    if needed > data_args.block_size:
+        raise ValueError(
+            f"decoded_prompt_len + decoded_new_tokens = {needed} exceeds block_size={data_args.block_size}: each prompt and its "
+            "reference come from one held-out block."
+        )
+    blocks = packed_splits(data_args, tokenizer, splits=(eval_args.split,))[eval_args.split]
+    rows = torch.tensor(blocks["input_ids"][: eval_args.decoded_prompts])
+    if rows.numel() == 0:
+        raise ValueError(f"The {eval_args.split} split has no blocks to decode.")
+    result = decoded_curves(
+        cascade, rows[:, : eval_args.decoded_prompt_len], rows[:, eval_args.decoded_prompt_len : needed],
+        draft_len=eval_args.cascade_draft_len, num_points=min(eval_args.num_points, 9),
+    )
+    (out / "decoded_curves.json").write_text(json.dumps(result, indent=2))
+    plot_decoded_curves({"cascade": result}, out / "decoded_curves.png")
+    return {name: {"area": curve["area"], **result["at_large_minus_1pct"][name]} for name, curve in result["curves"].items()}
 
 
 __all__ = [

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cascade-train": ("hf_effitrain.cli.cascade_train", "cascade-aware training of a cascade's small model"),
     "cascade-eval": ("hf_effitrain.cli.cascade_eval", "deferral curves of a small -> large cascade"),
     "push-kernels": ("hf_effitrain.cli.push_kernels", "upload the package's kernel repositories to the Hub"),
+    "recipe": ("hf_effitrain.cli.recipe", "patch pre-training -> MSN -> cascade-aware training -> exports, in one resumable run"),
 }
 
 

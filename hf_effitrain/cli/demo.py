@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
+from ..training.callbacks import TimeBudgetCallback
+from ..training.patch_config import PatchTrainingArguments
 from ..training.pretrain import PretrainArguments, last_complete_checkpoint, run_pretrain
 from .generate import complete, load_checkpoint
 
@@ -41,6 +43,10 @@ class DemoArguments:
     max_steps: int = field(default=800, metadata={"help": "Optimizer steps (the LR schedule spans them)."})
     time_budget_s: float = field(default=330.0, metadata={"help": "Stop training after this many seconds."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
+    patch_size: int = field(default=4, metadata={"help": "K of patch-level pre-training (1: token-level only)."})
+    patch_fraction: float = field(
+        default=2 / 3, metadata={"help": "lambda: share of the training tokens consumed at patch level (0: token-level only)."}
+    )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated for the sample completion."})
     prompt: str = field(default=DEMO_PROMPT, metadata={"help": "Code prompt to complete."})
     resume: bool = field(
@@ -59,31 +65,16 @@ class DemoArguments:
             raise ValueError("prompt is empty; give a code prompt to complete.")
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training once `seconds` have passed, so the demo's duration does not depend on the machine's speed."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start > self.seconds:
-            logger.info("Time budget of %.0f s reached at step %d: stopping training.", self.seconds, state.global_step)
-            control.should_training_stop = True
-            control.should_save = True
-
-
 def demo_checkpoint_to_resume(demo: DemoArguments) -> str | None:
     """The newest checkpoint of an earlier (maybe interrupted) demo in `output_dir`, if `resume` and there is one."""
     return last_complete_checkpoint(Path(demo.output_dir) / "checkpoints") if demo.resume else None
 
 
 def demo_training_arguments(demo: DemoArguments, resume_from: str | None = None) -> TrainingArguments:
-    """Stock `TrainingArguments` for the demo, resuming from `resume_from` when given."""
-    return TrainingArguments(
+    """`PatchTrainingArguments` for the demo (patch-level, then token-level training), resuming from `resume_from`."""
+    return PatchTrainingArguments(
+        patch_size=demo.patch_size,
+        patch_fraction=demo.patch_fraction,
         output_dir=str(Path(demo.output_dir) / "checkpoints"),
         resume_from_checkpoint=resume_from,
         max_steps=demo.max_steps,
@@ -126,7 +117,14 @@ def run_demo(demo: DemoArguments) -> dict:
     tokenizer, model = load_checkpoint(str(export_dir))
     greedy = complete(model, tokenizer, demo.prompt, demo.max_new_tokens)
     tr_jacobi = complete(model, tokenizer, demo.prompt, demo.max_new_tokens, strategy="tr_jacobi")
+    patch = run.get("patch_level")
+    if patch is not None and patch["stage_reached"] == "patch":
+        logger.warning(
+            "The time budget stopped training in the patch-level stage (step %d): the model never trained at token level; "
+            "raise --time_budget_s or lower --max_steps.", run["global_step"]
+        )
     return {
+        "pretraining": patch or "token-level",
         "parameters": run["parameters"],
         "optimizer_steps": run["global_step"],
         "resumed_from": resume_from,
@@ -143,6 +141,8 @@ def run_demo(demo: DemoArguments) -> dict:
         "tr_jacobi_seconds": round(tr_jacobi.seconds, 3),
         "tr_jacobi_forwards": tr_jacobi.num_forwards,
         "tr_jacobi_tokens_per_forward": round(tr_jacobi.tokens_per_forward, 3),
+        # one completion each: an illustration, not a benchmark (scripts/bench_decode.py measures speed)
+        "tr_jacobi_speed_vs_greedy": round(greedy.seconds / tr_jacobi.seconds, 3),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
 

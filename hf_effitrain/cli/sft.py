@@ -99,15 +99,19 @@ def load_sft_splits(args: SftArguments):
     return train, validation
 
 
-def run_sft(args: SftArguments, config: NoisySFTConfig) -> dict[str, Any]:
-    """Fine-tune (resuming from `--resume_from_checkpoint`), evaluate, save (safetensors) and optionally export."""
+def run_sft(args: SftArguments, config: NoisySFTConfig, callbacks: tuple = ()) -> dict[str, Any]:
+    """Fine-tune (resuming from `--resume_from_checkpoint`), evaluate, save (safetensors) and optionally export;
+    `callbacks` are extra `TrainerCallback`s (e.g. a time budget)."""
     from ..training.pretrain import resolve_resume_checkpoint
+    from ..training.resume import train_or_restore
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, use_safetensors=True)
     train, validation = load_sft_splits(args)
-    trainer = NoisySFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer)
-    result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(config))
+    trainer = NoisySFTTrainer(
+        model=model, args=config, train_dataset=train, eval_dataset=validation, processing_class=tokenizer, callbacks=list(callbacks)
+    )
+    result = train_or_restore(trainer, resolve_resume_checkpoint(config))
     trainer.save_model()
     metrics = dict(result.metrics)
     if validation is not None:

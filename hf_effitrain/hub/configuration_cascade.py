@@ -14,6 +14,14 @@ from transformers.configuration_utils import SubConfigSpec
 
 DEFERRAL_LEVELS = ("sequence", "token")
 DEFERRAL_RULES = ("chow_sum", "chow_average", "chow_quantile")
+# Deferral rules of `strategy="speculative_cascade"` (Narasimhan et al. 2025) over the two next-token distributions.
+SPECULATIVE_RULES = ("chow", "diff", "opt")
+# Its GenerationConfig entries (a call's keyword argument wins), written into every cascade's generation config.
+SPECULATIVE_DEFAULTS: dict[str, str | float | int] = {
+    "speculative_rule": "opt",
+    "speculative_alpha": 0.1,
+    "cascade_draft_len": 4,
+}
 
 
 def check_deferral_settings(deferral: str, rule: str, threshold: float, quantile: float) -> None:
@@ -36,6 +44,30 @@ def check_deferral_settings(deferral: str, rule: str, threshold: float, quantile
         )
     if not isinstance(quantile, (int, float)) or isinstance(quantile, bool) or not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must be a float in [0, 1] (0 = the least confident token), got {quantile!r}.")
+
+
+def check_speculative_settings(rule: str, alpha: float, draft_len: int) -> None:
+    """Raise a ValueError (TypeError for a non-int draft length) naming the bad speculative-cascade setting.
+
+    `alpha` is a probability margin in `[0, 1]`: `"chow"` trusts the small model iff `max p_S >= 1 - alpha`,
+    `"diff"` iff `max p_S >= max p_L - alpha`, `"opt"` iff `max p_S >= max p_L - alpha * TV(p_S, p_L)`.
+    """
+    if rule not in SPECULATIVE_RULES:
+        raise ValueError(f"speculative_rule must be one of {SPECULATIVE_RULES}, got {rule!r}.")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"speculative_alpha must be a float in [0, 1], got {alpha!r}.")
+    if isinstance(draft_len, bool) or not isinstance(draft_len, int):
+        raise TypeError(f"cascade_draft_len must be an int, got {draft_len!r} ({type(draft_len).__name__}).")
+    if draft_len < 1:
+        raise ValueError(f"cascade_draft_len must be a positive int (small-model drafts per large forward), got {draft_len}.")
+
+
+def add_speculative_defaults(generation_config):
+    """Write the missing `SPECULATIVE_DEFAULTS` entries into `generation_config` (saved in generation_config.json)."""
+    for name, value in SPECULATIVE_DEFAULTS.items():
+        if getattr(generation_config, name, None) is None:
+            setattr(generation_config, name, value)
+    return generation_config
 
 
 class CascadeConfig(PreTrainedConfig):
@@ -89,4 +121,13 @@ class CascadeConfig(PreTrainedConfig):
         return self.small
 
 
-__all__ = ["CascadeConfig", "DEFERRAL_LEVELS", "DEFERRAL_RULES", "check_deferral_settings"]
+__all__ = [
+    "CascadeConfig",
+    "DEFERRAL_LEVELS",
+    "DEFERRAL_RULES",
+    "SPECULATIVE_DEFAULTS",
+    "SPECULATIVE_RULES",
+    "add_speculative_defaults",
+    "check_deferral_settings",
+    "check_speculative_settings",
+]

@@ -99,6 +99,26 @@ class OdeSharedConfig(PreTrainedConfig):
         train_step_seed (`int`, *optional*):
             Seed of the dedicated generator of the `"random"` schedule; `None` draws from torch's global RNG, which
             `Trainer` seeds and restores on resume.
+        step_aware (`bool`, *optional*, defaults to `False`):
+            Condition every shared layer on where its evaluation sits on its block's interval (`t / interval`) and
+            on the step size (`h / interval`): a sinusoidal embedding of both feeds a small MLP whose zero-initialised
+            output gives a per-channel scale and shift of the layer's two normed inputs and a gate of its two
+            branches (adaLN-zero, as in DiT; LoopFormer conditions loops on t and h the same way). At
+            initialisation the model computes exactly what the plain one does; checkpoints without these weights
+            load unchanged with the default `False`.
+        step_embedding_dim (`int`, *optional*, defaults to 32):
+            Width of the sinusoidal embedding of each of `t` and `h`, and of the conditioning MLP's hidden layer
+            (an even number). Adds `2 * d**2 + d + 6 * hidden_size * (d + 1)` parameters per shared layer.
+        consistency_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the step-consistency term added to the LM loss in training mode when `labels` are given:
+            from a state `x_k` of the trajectory (inputs detached), one solver step of size `2h` is trained towards
+            the stop-gradient state `x_{k+2}` the trajectory reached with two steps of size `h` (shortcut
+            consistency). The distance is the squared error relative to the target's squared norm, per token,
+            normalised like the LM loss. `0` switches it off (no extra compute).
+        consistency_samples (`int`, *optional*, defaults to 1):
+            Start states `x_k` drawn (uniformly, without replacement) per shared block and training batch, each
+            costing one extra solver step; capped at `steps - 1`, so a large value uses every start state. A
+            batch whose block takes a single step adds no term for that block.
 
     ```python
     >>> from hf_effitrain import OdeSharedConfig, OdeSharedForCausalLM
@@ -152,6 +172,10 @@ class OdeSharedConfig(PreTrainedConfig):
     train_num_steps: int | list[int] | None = None
     train_num_steps_choices: list[int] | str | None = None
     train_step_seed: int | None = None
+    step_aware: bool = False
+    step_embedding_dim: int = 32
+    consistency_weight: int | float = 0.0
+    consistency_samples: int = 1
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -200,6 +224,15 @@ class OdeSharedConfig(PreTrainedConfig):
             resolve_block_steps(self.train_num_steps, self.num_shared_blocks, "train_num_steps")
         for choice in self.step_choices():
             resolve_block_steps(choice, self.num_shared_blocks, "train_num_steps_choices")
+        self._check_step_training_settings()
+
+    def _check_step_training_settings(self) -> None:
+        if isinstance(self.step_embedding_dim, bool) or self.step_embedding_dim < 2 or self.step_embedding_dim % 2:
+            raise ValueError(f"`step_embedding_dim` must be an even integer >= 2, got {self.step_embedding_dim!r}.")
+        if isinstance(self.consistency_weight, bool) or not self.consistency_weight >= 0:
+            raise ValueError(f"`consistency_weight` must be a number >= 0 (0 switches the term off), got {self.consistency_weight!r}.")
+        if isinstance(self.consistency_samples, bool) or self.consistency_samples < 1:
+            raise ValueError(f"`consistency_samples` must be an integer >= 1, got {self.consistency_samples!r}.")
 
     def block_steps(self, num_steps: int | list[int] | None = None) -> list[int]:
         """Solver steps per shared block for a call's `num_steps` (default: the config's)."""

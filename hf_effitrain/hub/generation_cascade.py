@@ -27,6 +27,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cascade_rules import generated_mask, sequence_scores, token_logprobs
 from .configuration_cascade import check_deferral_settings
+from .decoding_support import check_cascade_member
+from .transformers_compat import cache_from_model_kwargs, cache_param_name, output_cache, pad_token_tensor, supports_logits_to_keep
 
 _CASCADE_KWARGS = ("deferral", "rule", "threshold", "quantile")
 
@@ -123,7 +125,8 @@ class _Member:
 
     def __init__(self, model, cache, base_kwargs: dict[str, Any]):
         self.model, self.cache = model, cache
-        self.use_logits_to_keep = model._supports_logits_to_keep()
+        self.use_logits_to_keep = supports_logits_to_keep(model)
+        self.cache_kwarg = cache_param_name(type(model).prepare_inputs_for_generation)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.base_kwargs = base_kwargs
         self.forward_tokens = 0
@@ -131,7 +134,7 @@ class _Member:
     def next_logits(self, input_ids: torch.LongTensor, attention_mask, position_ids) -> torch.Tensor:
         seen = self.cache.get_seq_length()
         n_new = input_ids.shape[1] - seen
-        kwargs = {**self.base_kwargs, "past_key_values": self.cache, "use_cache": True}
+        kwargs = {**self.base_kwargs, self.cache_kwarg: self.cache, "use_cache": True}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None and self.accepts_position_ids:
@@ -140,7 +143,7 @@ class _Member:
             kwargs["logits_to_keep"] = 1
         inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=n_new, is_first_iteration=seen == 0, **kwargs)
         outputs = self.model(**inputs, return_dict=True)
-        self.cache = outputs.past_key_values
+        self.cache = output_cache(outputs)
         self.forward_tokens += n_new * input_ids.shape[0]
         return outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
 
@@ -151,10 +154,12 @@ def _token_cascade(model, input_ids, config, kwargs, threshold):
     result: dict[str, Any] = {}
 
     def _loop(small, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
-        pad = generation_config._pad_token_tensor
+        pad = pad_token_tensor(generation_config, input_ids.device)
         attention_mask = model_kwargs.pop("attention_mask", None)
         position_ids = model_kwargs.pop("position_ids", None)
-        small_cache = model_kwargs.pop("past_key_values")
+        small_cache = cache_from_model_kwargs(model_kwargs)
+        for name in ("cache", "past_key_values"):
+            model_kwargs.pop(name, None)
         model_kwargs.pop("use_cache", None)
         model_kwargs.pop("logits_to_keep", None)
         large_cache = DynamicCache(config=model.large.config.get_text_config(decoder=True))
@@ -193,7 +198,8 @@ def _token_cascade(model, input_ids, config, kwargs, threshold):
         )
         return input_ids
 
-    sequences = model.small.generate(input_ids, generation_config=config, custom_generate=_loop, **kwargs)
+    # the loop needs the small model's cache whatever `use_cache` its config holds (training may save use_cache=False)
+    sequences = model.small.generate(input_ids, generation_config=config, custom_generate=_loop, **{**kwargs, "use_cache": True})
     return sequences, result
 
 
@@ -256,6 +262,8 @@ def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_c
         share = float(deferred.float().mean()) if deferred.numel() else 0.0
         large_tokens = None
     else:
+        for role in ("small", "large"):
+            check_cascade_member(getattr(model, role), role)
         sequences, result = _token_cascade(model, inputs, config, kwargs, threshold)
         deferred, scores, emitted = result["deferred"], result["confidences"], result["emitted"]
         from_large = deferred

@@ -14,12 +14,14 @@ from typing import Any, Callable
 
 from .generation_cascade import cascade_generate
 from .generation_jacobi import jacobi_generate, tr_jacobi_generate
+from .generation_speculative_cascade import speculative_cascade_generate
 
 # name -> fn(model, inputs=None, generation_config=None, **generate_kwargs) returning what `model.generate` returns.
 STRATEGIES: dict[str, Callable[..., Any]] = {
     "jacobi": jacobi_generate,
     "tr_jacobi": tr_jacobi_generate,
     "cascade": cascade_generate,
+    "speculative_cascade": speculative_cascade_generate,
 }
 # The strategy name that asks for the model class's own `generate` even where the checkpoint names a default strategy
 # (`strategy=None` falls back to that default): e.g. sampling from a checkpoint whose default is "tr_jacobi".

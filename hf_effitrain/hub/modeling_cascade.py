@@ -16,8 +16,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_cascade import CascadeConfig, check_deferral_settings
+from .configuration_cascade import CascadeConfig, add_speculative_defaults, check_deferral_settings
 from .generation_effi import EffiGenerationMixin
+from .transformers_compat import merge_cache_arguments, model_cache_kwarg
 
 logger = logging.get_logger(__name__)
 
@@ -74,7 +75,9 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
     `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 
     `forward` runs the small model; `generate()` defaults to `strategy="cascade"` (the generation config's
-    `strategy` entry), which takes `deferral`, `rule`, `threshold` and `quantile` overrides per call.
+    `strategy` entry), which takes `deferral`, `rule`, `threshold` and `quantile` overrides per call;
+    `strategy="speculative_cascade"` drafts with the small model and verifies with the large one
+    (`generation_speculative_cascade.py`; `speculative_rule`, `speculative_alpha`, `cascade_draft_len`).
     """
 
     def __init__(self, config: CascadeConfig, small: PreTrainedModel | None = None, large: PreTrainedModel | None = None):
@@ -89,6 +92,7 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
         # A config "from the model config" drops custom entries when reloaded; ours must keep `strategy`.
         self.generation_config.strategy = "cascade"
         self.generation_config._from_model_config = False
+        add_speculative_defaults(self.generation_config)  # strategy="speculative_cascade" reads them
 
     @classmethod
     def from_models(
@@ -141,6 +145,7 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ):
         """The small model's forward (logits, loss with `labels`, cache): the cascade's first stage."""
@@ -148,11 +153,11 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{model_cache_kwarg(self.small): merge_cache_arguments(past_key_values, cache)},
             **kwargs,
         )
 

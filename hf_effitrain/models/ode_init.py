@@ -5,7 +5,8 @@ layers are cut into `num_shared_blocks` contiguous chunks; layer `j` of shared b
 of the chunk's layers `j, j + m, j + 2m, ...` (`m = shared_block_layers`), as Bae et al. (2024) average the layers
 that one looped layer replaces. Each block then integrates `chunk / m` unit steps by default, so where the
 averaged layers were equal the new model computes exactly what the Llama did. Embeddings, final norm and LM head
-are copied. Continue training afterwards to recover what averaging lost.
+are copied. A step-aware model (`step_aware=True`) keeps its zero-initialised step conditioning, so it starts
+from the same function. Continue training afterwards to recover what averaging lost.
 """
 
 from __future__ import annotations
@@ -90,13 +91,21 @@ def ode_shared_from_llama(llama_model: LlamaForCausalLM, **config_kwargs: Any) -
     for b, block in enumerate(model.model.shared_blocks):
         members = middle[b * chunk : (b + 1) * chunk]
         for j, target in enumerate(block):
-            target.load_state_dict(_mean_state_dict(members[j :: config.shared_block_layers]))
+            _load_layer(target, _mean_state_dict(members[j :: config.shared_block_layers]))
     model.model.embed_tokens.load_state_dict(llama_model.model.embed_tokens.state_dict())
     model.model.norm.load_state_dict(llama_model.model.norm.state_dict())
     if not config.tie_word_embeddings:
         model.lm_head.load_state_dict(llama_model.lm_head.state_dict())
     model.train(llama_model.training)
     return model
+
+
+def _load_layer(target, state: dict[str, torch.Tensor]) -> None:
+    """Load a Llama layer's weights; only the step conditioning of a step-aware layer may stay as initialised."""
+    result = target.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.startswith("step_conditioning.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"Llama layer weights do not fit the ODE layer: missing {missing}, unexpected {result.unexpected_keys}.")
 
 
 def _mean_state_dict(layers) -> dict[str, torch.Tensor]:

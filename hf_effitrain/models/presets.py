@@ -55,7 +55,7 @@ def _llama_style_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: 
 
 def _ode_shared_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
     """One shared Llama layer integrated over the preset's depth with one Euler step per layer: the same layer
-    compute as the preset's Llama at default steps, with the parameters of a single layer (issue 5)."""
+    compute as the preset's Llama at default steps, with the parameters of a single layer."""
     kwargs = _llama_style_kwargs(preset, vocab_size=vocab_size, max_positions=max_positions)
     kwargs["num_steps"] = kwargs.pop("num_hidden_layers")
     return kwargs

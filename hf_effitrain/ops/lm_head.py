@@ -33,17 +33,42 @@ def fused_loss_enabled(use_fused_loss: bool | None, model: nn.Module) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
+# Config names under which architectures soft-cap their output logits (`tanh(logits / c) * c`).
+SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# Where the scaling is applied to the hidden states before the head (the head's input already carries it).
+_SCALES_HIDDEN_STATES = {"minicpm3": "logits_scaling"}
+
+
+def _text_config(model: nn.Module):
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """`(scale, softcap)`: what the model's forward does to `lm_head(hidden)` before its loss.
 
     A loss computed from the head's input must do the same: Cohere multiplies the logits by `logit_scale`, Granite
-    divides them by `logits_scaling`, Gemma 2 / 3 soft-cap them with `final_logit_softcapping`
-    (`tanh(logits / c) * c`, applied after the scale). `(1.0, None)` for the plain models.
+    divides them by `logits_scaling`, Gemma 2 / 3, RecurrentGemma and xLSTM soft-cap them (`SOFTCAP_NAMES`,
+    `tanh(logits / c) * c`, applied after the scale). MiniCPM3 divides the hidden states by `logits_scaling` before
+    the head, so its logits are not scaled again. `(1.0, None)` for the plain models.
     """
-    config = getattr(extract_model_from_parallel(model), "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = float(getattr(text_config, "logit_scale", None) or 1.0) / float(getattr(text_config, "logits_scaling", None) or 1.0)
-    return scale, getattr(text_config, "final_logit_softcapping", None) or None
+    text_config = _text_config(model)
+    scale = float(getattr(text_config, "logit_scale", None) or 1.0)
+    if _SCALES_HIDDEN_STATES.get(getattr(text_config, "model_type", None)) != "logits_scaling":
+        scale /= float(getattr(text_config, "logits_scaling", None) or 1.0)
+    softcap = next((getattr(text_config, name) for name in SOFTCAP_NAMES if getattr(text_config, name, None)), None)
+    return scale, softcap
+
+
+def _unknown_logit_setting(model: nn.Module) -> str | None:
+    """A set config entry that looks like a logit transform this module does not know (named `*logit*` with `cap`
+    or `scal` in it): the fused loss is then not used, so that the model's own logits are scored."""
+    text_config = _text_config(model)
+    known = {"logit_scale", "logits_scaling", *SOFTCAP_NAMES}
+    for name, value in vars(text_config).items() if text_config is not None else ():
+        if "logit" in name and ("cap" in name or "scal" in name) and name not in known and value not in (None, 0, 1, 1.0, False):
+            return name
+    return None
 
 
 def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
@@ -60,6 +85,8 @@ def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
         reason = "the model soft-caps its logits"
     elif scale != 1.0:
         reason = f"the model scales its logits (by {scale:g})"
+    elif _unknown_logit_setting(model):
+        reason = f"the model's config sets `{_unknown_logit_setting(model)}`, which may transform its logits"
     if reason is None:
         return head
     if reason not in _logged:

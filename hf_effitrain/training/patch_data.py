@@ -8,20 +8,23 @@ sequence, shuffled within the stage. So with a one-pass budget the two stages se
 first lambda of the data at patch level, the rest at token level), and a multi-pass budget repeats the data as the
 paper's multi-epoch variant does. The trailing `num_blocks % K` blocks are left out of the stream.
 
-`StagedBlockDataset` lays the whole run out as one map-style dataset, item i being the i-th training sequence, so the
-stock sampler-free dataloader, `accelerate`'s per-process sharding and the Trainer's resume skipping all apply as is.
+`StagedBlockDataset` lays the whole run out as one map-style dataset, item i being the i-th training sequence;
+`MicroBatchDataset` groups it into the run's micro-batches (item j = micro-batch j, already collated), because the two
+stages' micro-batches may hold different numbers of sequences (equal-tokens batching: B/K sequences of K*T tokens,
+then B blocks). Read one item per batch in order, `accelerate`'s per-process sharding (micro-batch j goes to process
+j mod world size) and the Trainer's resume skipping (in micro-batches) apply as is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["BLOCK_COLUMNS", "GroupedBlockDataset", "StagedBlockDataset", "block_size_of", "collate_blocks"]
+__all__ = ["BLOCK_COLUMNS", "GroupedBlockDataset", "MicroBatchDataset", "StagedBlockDataset", "block_size_of", "collate_blocks", "single_item"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +138,49 @@ class StagedBlockDataset(Dataset):
             position = self.num_patch_items * self.patch_size + int(self._token_order[index - self.num_patch_items])
             rows = [self._stream_block(position)]
         return _read_blocks(self.blocks, rows, self.block_size)
+
+
+class MicroBatchDataset(Dataset):
+    """Item j = micro-batch j of a `StagedBlockDataset`, collated: `patch_batch` consecutive patch sequences while
+    in the patch part, then `token_batch` consecutive blocks.
+
+    Args:
+        run (`StagedBlockDataset`): the run's sequences in order.
+        patch_batch (`int`): sequences per patch-stage micro-batch (must divide `run.num_patch_items`).
+        token_batch (`int`): sequences per token-stage micro-batch (must divide `run.num_token_items`).
+        collator (`Callable`): turns a list of rows into a batch (the trainer's data collator).
+
+    Raises:
+        ValueError: when a stage does not split into whole micro-batches.
+    """
+
+    def __init__(self, run: StagedBlockDataset, patch_batch: int, token_batch: int, collator: Callable[[list], Any]):
+        for name, items, size in (("patch", run.num_patch_items, patch_batch), ("token", run.num_token_items, token_batch)):
+            if size < 1 or items % size:
+                raise ValueError(f"The {name} stage's {items} sequences do not split into micro-batches of {size}.")
+        self.run, self.patch_batch, self.token_batch, self.collator = run, patch_batch, token_batch, collator
+        self.num_patch_batches = run.num_patch_items // patch_batch
+        self.num_token_batches = run.num_token_items // token_batch
+
+    def __len__(self) -> int:
+        return self.num_patch_batches + self.num_token_batches
+
+    def sequence_indices(self, index: int) -> range:
+        """Indices into `run` of the sequences of micro-batch `index`."""
+        if index < 0 or index >= len(self):
+            raise IndexError(index)
+        if index < self.num_patch_batches:
+            return range(index * self.patch_batch, (index + 1) * self.patch_batch)
+        start = self.run.num_patch_items + (index - self.num_patch_batches) * self.token_batch
+        return range(start, start + self.token_batch)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.collator([self.run[i] for i in self.sequence_indices(index)])
+
+
+def single_item(items: list[Any]) -> Any:
+    """Collate function of a dataloader with batch size 1 over already-collated micro-batches."""
+    return items[0]
 
 
 def collate_blocks(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

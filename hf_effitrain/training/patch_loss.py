@@ -1,40 +1,35 @@
 """The patch-level loss of Shao et al. (2024) for any causal LM of transformers, without touching its modeling code.
 
 A patch is the plain mean of K consecutive token embeddings (taken from `get_input_embeddings()`), fed to the model
-as `inputs_embeds` with position ids 0..T-1 (patch indices). The final hidden state of patch i goes through the
-model's own LM head once, and that one distribution is scored against every token of patch i+1:
+as `inputs_embeds`, so that patch i takes position i in the model's own convention (0..T-1, or from `padding_idx + 1`
+for the RoBERTa family). The final hidden state of patch i goes through the model's own LM head once, and that one
+distribution is scored against every token of patch i+1:
 
     loss = (1/K) * sum_k CE(logits_i, x_{(i+1)K+k})        (each CE a mean over the valid positions)
 
-The hidden states are taken at the input of the output embeddings with a forward pre-hook, which also hands the head
-an empty slice so the model computes no logits of its own. The hook works for every architecture (the head is always
-called on the final, normed hidden states), through peft wrappers and through DDP (the model is called through its
-wrapper's `forward`, so gradient synchronisation is intact). The (hidden, head weight, targets (N, K)) step is one call,
-`multi_target_cross_entropy`, so it can be swapped for the fused op of `hf_effitrain.ops`.
+The loss is computed from the logits the model's forward returns, so whatever an architecture does around its head
+(Cohere / Granite logit scaling, MiniCPM3's hidden-state scaling, soft-capping under any config name) is kept, and
+K=1 is the model's own causal-LM loss. With the fused loss (a plain bias-free head, logits untouched after it) the
+hidden states are taken at the input of the output embeddings with a forward pre-hook, which hands the head an empty
+slice so that the model computes no logits, and `fused_linear_cross_entropy` scores (hidden, head weight, targets
+(N, K)) without them. Both work through peft wrappers and DDP (the model is called through its wrapper's `forward`,
+so gradient synchronisation is intact). Architectures whose forward needs token ids are refused
+(`check_patch_architecture`).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 
-from ..ops import fusable_lm_head, fused_linear_cross_entropy, fused_loss_enabled, logit_transform
+from ..ops import fusable_lm_head, fused_linear_cross_entropy, fused_loss_enabled
 from .patch_config import validate_patch_options
 
-__all__ = ["check_causal_lm", "multi_target_cross_entropy", "patch_embeddings", "patch_level_loss", "patch_targets"]
-
-logger = logging.getLogger(__name__)
-_logged: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
+__all__ = [
+    "check_causal_lm", "check_patch_architecture", "multi_target_cross_entropy", "patch_embeddings", "patch_level_loss", "patch_targets",
+]
 
 
 def check_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -61,10 +56,15 @@ def check_causal_lm(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         head = None
     vocab = embed.weight.shape[0]
     weight = getattr(head, "weight", None)
-    if head is None or weight is None or weight.dim() != 2 or weight.shape[0] != vocab:
+    # The head maps to the embedding rows, or to the config's vocabulary when the table is larger (cpmant's prompt
+    # rows, mllama's image tokens); a classifier's few rows are neither.
+    config = getattr(inner, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    allowed_rows = {vocab, getattr(text_config, "vocab_size", vocab)}
+    if head is None or weight is None or weight.dim() != 2 or weight.shape[0] not in allowed_rows or weight.shape[0] > vocab:
         got = "none" if head is None else f"{type(head).__name__} with weight {None if weight is None else tuple(weight.shape)}"
         raise ValueError(
-            f"{name} has no LM head mapping hidden states to its {vocab}-token vocabulary (get_output_embeddings(): "
+            f"{name} has no LM head mapping hidden states to (at most) its {vocab} input embeddings (get_output_embeddings(): "
             f"{got}); patch-level training needs a causal LM such as AutoModelForCausalLM, not AutoModel."
         )
     return embed, head
@@ -142,25 +142,71 @@ def _cross_entropy_from_logits(
     return per_column.mean()
 
 
-def _final_hidden_states(
-    model: nn.Module, head: nn.Module, inputs_embeds: torch.Tensor, patch_mask: torch.Tensor | None
+# Model types whose patch-level loss is not defined without changing the architecture (mostly: the forward needs
+# token ids, and a patch, a mean of embeddings, has none). Type -> why.
+_PATCH_UNSUPPORTED_TYPES = {
+    "deepseek_v4": "its MoE routes hash-assigned experts by token id, and a patch (a mean of embeddings) has none",
+    "prophetnet": "its causal LM predicts n-gram streams with its own loss, not one next-token distribution",
+    "cpmant": "its forward builds its segment, position and prompt inputs from `input_ids`, which a patch has not",
+}
+
+
+def check_patch_architecture(model: nn.Module) -> None:
+    """Refuse the architectures whose forward cannot take patch embeddings in place of tokens.
+
+    Raises:
+        ValueError: naming the model type and why (per-layer inputs looked up by token id, hash routing, ...).
+    """
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None)
+    reason = _PATCH_UNSUPPORTED_TYPES.get(model_type) or _PATCH_UNSUPPORTED_TYPES.get(getattr(config, "model_type", None))
+    if reason is None and getattr(text_config, "hidden_size_per_layer_input", None):
+        reason = "its per-layer inputs are looked up by token id (`hidden_size_per_layer_input`), and a patch has none"
+    if reason is None and getattr(text_config, "causal", None) is False:  # XLM's default
+        reason = "its config makes it attend bidirectionally (`causal=False`), so a patch would see the tokens it predicts"
+    if reason is None and getattr(text_config, "is_decoder", None) is False and hasattr(text_config, "add_cross_attention"):
+        reason = "its config makes it attend bidirectionally (`is_decoder=False`; set it to True to train it as a causal LM)"
+    if reason is not None:
+        raise ValueError(
+            f"patch-level training cannot run {type(extract_model_from_parallel(model)).__name__} (model_type "
+            f"{model_type!r}): {reason}."
+        )
+
+
+def _patch_forward(
+    model: nn.Module, head: nn.Module, inputs_embeds: torch.Tensor, patch_mask: torch.Tensor | None, keep_head: bool
 ) -> torch.Tensor:
-    """Run `model` on patch embeddings and return the hidden states its LM head receives, (B, T, H)."""
+    """Run `model` on patch embeddings; return its own logits (B, T, V) if `keep_head`, else the hidden states its LM
+    head receives (B, T, H), the head being handed an empty slice so that no logits are computed.
+
+    Position ids are left to the model, as in its own causal-LM loss: 0..T-1 for most, `padding_idx + 1`.. for the
+    RoBERTa family, which derives them from `inputs_embeds`. The model's logits already carry whatever its forward
+    does after the head (Cohere / Granite scaling, soft-capping under any config name).
+    """
     captured: dict[str, torch.Tensor] = {}
 
     def grab_and_skip(module, args, kwargs):
         captured["hidden"] = args[0]
-        # the head still runs, on zero positions: the full-vocabulary logits are computed once, by our loss
+        # the head still runs, on zero positions: the full-vocabulary logits are computed once, by the fused loss
         return (args[0][..., :0, :], *args[1:]), kwargs
 
-    batch, num_patches = inputs_embeds.shape[:2]
-    position_ids = torch.arange(num_patches, device=inputs_embeds.device).expand(batch, num_patches)
     attention_mask = None if patch_mask is None or bool(patch_mask.all()) else patch_mask.long()
-    handle = head.register_forward_pre_hook(grab_and_skip, with_kwargs=True)
+    handle = None if keep_head else head.register_forward_pre_hook(grab_and_skip, with_kwargs=True)
     try:
-        model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        outputs = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+    if keep_head:
+        logits = outputs.logits
+        if logits.shape[1] != inputs_embeds.shape[1]:  # e.g. a config that keeps only the last positions' logits
+            raise ValueError(
+                f"{type(extract_model_from_parallel(model)).__name__} returned logits for {logits.shape[1]} of "
+                f"{inputs_embeds.shape[1]} patches (does its config set `num_logits_to_keep` / `logits_to_keep`?); "
+                "the patch-level loss needs every position's logits."
+            )
+        return logits
     if "hidden" not in captured:
         raise ValueError(
             f"{type(extract_model_from_parallel(model)).__name__}.forward never called its output embeddings; "
@@ -208,26 +254,16 @@ def patch_level_loss(
             f"2 patches (K*T tokens, T >= 2); pack the data into blocks of K*T tokens."
         )
     embed, head = check_causal_lm(model)
+    check_patch_architecture(model)
     token_mask = None if attention_mask is None else attention_mask.bool()
     patch_mask = None if token_mask is None else token_mask.view(input_ids.shape[0], -1, patch_size).any(-1)
     targets = input_ids if labels is None else labels
     if token_mask is not None:
         targets = targets.masked_fill(~token_mask, -100)
-    targets = patch_targets(targets, patch_size, patch_mask)
-    hidden = _final_hidden_states(model, head, patch_embeddings(embed(input_ids), patch_size, token_mask), patch_mask)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return _head_cross_entropy(model, head, hidden, targets.reshape(-1, patch_size), use_fused_loss)
-
-
-def _head_cross_entropy(
-    model: nn.Module, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, use_fused_loss: bool | None = None
-) -> torch.Tensor:
+    targets = patch_targets(targets, patch_size, patch_mask).reshape(-1, patch_size)
     fused_head = fusable_lm_head(model) if fused_loss_enabled(use_fused_loss, model) else None
+    out = _patch_forward(model, head, patch_embeddings(embed(input_ids), patch_size, token_mask), patch_mask, fused_head is None)
+    out = out[:, :-1].reshape(-1, out.shape[-1])
     if fused_head is not None:
-        return fused_linear_cross_entropy(hidden.to(fused_head.weight.dtype), fused_head.weight, targets)
-    scale, softcap = logit_transform(model)
-    if type(head) is nn.Linear:
-        return multi_target_cross_entropy(hidden, head.weight, targets, head.bias, softcap=softcap, scale=scale)
-    # e.g. a LoRA-wrapped head: its weight alone is not the map it computes, so call the module itself
-    _log_once(f"LM head {type(head).__name__} is not a plain nn.Linear: computing its logits by calling it.")
-    return _cross_entropy_from_logits(head(hidden), targets, softcap=softcap, scale=scale)
+        return fused_linear_cross_entropy(out.to(fused_head.weight.dtype), fused_head.weight, targets)
+    return _cross_entropy_from_logits(out, targets)

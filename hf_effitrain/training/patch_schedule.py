@@ -6,14 +6,24 @@ The budget is what token-level training with the same arguments would consume:
                   = floor(num_train_epochs * num_blocks / global_batch)   otherwise
     budget_tokens = budget_steps * global_batch * block_size
 
-with `global_batch = per_device_train_batch_size * gradient_accumulation_steps * world_size` sequences. A patch-stage
-optimizer step consumes K times the tokens of a token-stage step (the same number of positions), so
+with `global_batch = per_device_train_batch_size * gradient_accumulation_steps * world_size` sequences. How a
+patch-stage optimizer step is batched (`patch_batching`) decides how many steps the patch stage takes:
 
-    patch_steps = min(round(lambda * budget_steps / K), budget_steps // K)
-    token_steps = budget_steps - K * patch_steps
+- `"equal_tokens"` (default, the authors' recipe): a patch step takes `global_batch / K` sequences of K*T tokens,
+  i.e. the same `global_batch * T` tokens as a token step and 1/K of its positions, so
 
-and the run takes `patch_steps + token_steps` optimizer steps. The switch lands on a whole patch step; the lambda
-actually used is `K * patch_steps / budget_steps` (logged).
+      patch_steps = round(lambda * budget_steps),   token_steps = budget_steps - patch_steps
+
+  and the run takes `budget_steps` (= `max_steps`) optimizer steps.
+- `"equal_positions"`: a patch step takes `global_batch` sequences of K*T tokens (the positions of a token step,
+  K times its tokens), so
+
+      patch_steps = min(round(lambda * budget_steps / K), budget_steps // K),   token_steps = budget_steps - K * patch_steps
+
+  and the run takes `patch_steps + token_steps` optimizer steps.
+
+Either way the first lambda of the tokens are read at patch level; the lambda actually used (the switch lands on a
+whole step) is `effective_fraction` (logged). Compute follows positions: lambda/K + 1 - lambda of the token-level run.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from accelerate.utils import extract_model_from_parallel
 __all__ = ["PatchSchedule", "training_flops_per_position"]
 
 PATCH, TOKEN = "patch", "token"
+EQUAL_TOKENS, EQUAL_POSITIONS = "equal_tokens", "equal_positions"  # `PatchTrainingArguments.patch_batching`
+LEGACY_BATCHING = EQUAL_POSITIONS  # schedules saved before `batching` was recorded were batched this way
 
 
 @dataclass(frozen=True)
@@ -40,33 +52,41 @@ class PatchSchedule:
     budget_steps: int
     patch_steps: int
     token_steps: int
+    batching: str = EQUAL_TOKENS
     flops_per_position: float = 0.0
 
     @classmethod
     def plan(
         cls, *, patch_size: int, patch_fraction: float, block_size: int, global_batch: int, budget_steps: int,
-        flops_per_position: float = 0.0,
+        batching: str = EQUAL_TOKENS, flops_per_position: float = 0.0,
     ) -> PatchSchedule:
         """Split `budget_steps` token-level steps into patch and token steps (see the module docstring).
 
         Raises:
-            ValueError: when the budget is empty, or a patch stage was asked for but the budget holds no whole
-                patch-level step (fewer than K token-level steps at this lambda).
+            ValueError: when the budget is empty, `batching` is unknown, `"equal_tokens"` meets a global batch that is
+                not a multiple of K, or a patch stage was asked for but the budget holds no whole patch-level step.
         """
         if budget_steps < 1:
             raise ValueError(f"The token budget is {budget_steps} steps; set max_steps > 0 or enough data/epochs.")
-        patch_steps = 0
+        if batching not in (EQUAL_TOKENS, EQUAL_POSITIONS):
+            raise ValueError(f"batching must be one of {[EQUAL_TOKENS, EQUAL_POSITIONS]}, got {batching!r}.")
+        patch_steps, cost = 0, patch_size if batching == EQUAL_POSITIONS else 1
         if patch_size > 1 and patch_fraction > 0:
-            patch_steps = min(round(patch_fraction * budget_steps / patch_size), budget_steps // patch_size)
+            if batching == EQUAL_TOKENS and global_batch % patch_size:
+                raise ValueError(
+                    f"batching='equal_tokens' needs the global batch ({global_batch} sequences) to be a multiple of "
+                    f"patch_size={patch_size}: a patch step takes global_batch / patch_size sequences of K x T tokens."
+                )
+            patch_steps = min(round(patch_fraction * budget_steps / cost), budget_steps // cost)
             if patch_steps < 1:
                 raise ValueError(
                     f"patch_fraction={patch_fraction} of a {budget_steps}-step budget is less than one patch-level step "
-                    f"(each consumes patch_size={patch_size} steps' worth of tokens); raise max_steps or patch_fraction."
+                    f"(each consumes {cost} token-level steps' worth of tokens); raise max_steps or patch_fraction."
                 )
         return cls(
             patch_size=patch_size, patch_fraction=patch_fraction, block_size=block_size, global_batch=global_batch,
-            budget_steps=budget_steps, patch_steps=patch_steps, token_steps=budget_steps - patch_size * patch_steps,
-            flops_per_position=flops_per_position,
+            budget_steps=budget_steps, patch_steps=patch_steps, token_steps=budget_steps - cost * patch_steps,
+            batching=batching, flops_per_position=flops_per_position,
         )
 
     @property
@@ -78,8 +98,30 @@ class PatchSchedule:
         return self.budget_steps * self.global_batch * self.block_size
 
     @property
+    def patch_step_cost(self) -> int:
+        """Token-level steps' worth of tokens one patch-stage step consumes (1 with equal tokens, K with equal positions)."""
+        return self.patch_size if self.batching == EQUAL_POSITIONS else 1
+
+    @property
+    def patch_sequences_per_step(self) -> int:
+        """K*T-token sequences in one patch-stage optimizer step (all devices and micro-batches together)."""
+        return self.global_batch * self.patch_step_cost // self.patch_size
+
+    @property
     def effective_fraction(self) -> float:
-        return self.patch_size * self.patch_steps / self.budget_steps
+        return self.patch_step_cost * self.patch_steps / self.budget_steps
+
+    def steps_for_budget(self, budget_steps: int, start_step: int = 0) -> int:
+        """Optimizer steps, counted from `start_step`, that consume `budget_steps` token-level steps' worth of tokens.
+
+        A warmup given in steps means tokens: with equal-positions batching a patch step holds K steps' worth, so
+        2000 warmup steps from step 0 are `ceil(2000 / K)` patch steps (or, past the switch, the rest at one each).
+        """
+        patch_left = max(self.patch_steps - start_step, 0)
+        cost = self.patch_step_cost
+        if budget_steps <= patch_left * cost:
+            return math.ceil(budget_steps / cost)
+        return patch_left + budget_steps - patch_left * cost
 
     def stage_of_next_step(self, global_step: int) -> str:
         """Stage of the optimizer step that runs after `global_step` steps are done."""
@@ -92,11 +134,16 @@ class PatchSchedule:
     def tokens_after(self, global_step: int) -> int:
         """Training tokens consumed by the first `global_step` optimizer steps."""
         patch = min(global_step, self.patch_steps)
-        return (patch * self.patch_size + global_step - patch) * self.global_batch * self.block_size
+        return (patch * self.patch_step_cost + global_step - patch) * self.global_batch * self.block_size
+
+    def positions_after(self, global_step: int) -> int:
+        """Sequence positions processed by the first `global_step` steps (a patch-stage sequence has T positions)."""
+        patch = min(global_step, self.patch_steps)
+        return (patch * self.patch_sequences_per_step + (global_step - patch) * self.global_batch) * self.block_size
 
     def flops_after(self, global_step: int) -> float:
-        """Estimated training FLOPs of the first `global_step` steps: both stages process block_size positions."""
-        return global_step * self.global_batch * self.block_size * self.flops_per_position
+        """Estimated training FLOPs of the first `global_step` steps: FLOPs per position x positions processed."""
+        return self.positions_after(global_step) * self.flops_per_position
 
     def progress(self, global_step: int) -> dict[str, float]:
         """The values logged at every logging step."""
@@ -115,7 +162,7 @@ class PatchSchedule:
         diffs = []
         for name in names:
             value = getattr(self, name)
-            other = saved.get(name)
+            other = saved.get(name, LEGACY_BATCHING if name == "batching" else None)
             same = math.isclose(value, other) if isinstance(value, float) and other is not None else value == other
             if not same:
                 diffs.append(f"{name}: checkpoint {other!r}, now {value!r}")

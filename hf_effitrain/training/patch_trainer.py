@@ -2,11 +2,14 @@
 
 Only narrow `Trainer` hooks are overridden, never the loop:
 
-- `get_train_dataloader` lays the run out as one `StagedBlockDataset` (patch sequences of K blocks, then blocks),
-  `set_initial_training_values` tells the loop the run's real number of optimizer steps;
+- `get_train_dataloader` lays the run out as one `StagedBlockDataset` (patch sequences of K blocks, then blocks)
+  read as collated micro-batches (`MicroBatchDataset`: with equal-tokens batching a patch-stage micro-batch holds
+  1/K of the sequences of a token-stage one), `set_initial_training_values` tells the loop the run's real number
+  of optimizer steps;
 - `compute_loss` uses `patch_level_loss` on patch-stage batches and the stock loss otherwise;
 - `PatchStageCallback.on_step_end` switches stage after the patch steps, resetting optimizer state and LR schedule
-  when `patch_reset_optimizer` (and `create_scheduler` gives each stage its own schedule length);
+  when `patch_reset_optimizer` (and `create_scheduler` gives each stage its own schedule length, with a warmup in
+  steps counted in tokens);
 - `_save_checkpoint` writes `patch_training_state.json` (schedule, stage, tokens consumed) next to
   `trainer_state.json`, `_load_optimizer_and_scheduler` checks it on resume;
 - `log` adds stage, tokens and FLOPs to every log; `evaluate` adds the patch-level validation loss in the patch stage;
@@ -20,16 +23,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, seed_worker
 
 from ..ops import fused_causal_lm_loss, fused_loss_enabled
 from .patch_config import PatchTrainingArguments
-from .patch_data import GroupedBlockDataset, StagedBlockDataset, block_size_of, collate_blocks
+from .patch_data import GroupedBlockDataset, MicroBatchDataset, StagedBlockDataset, block_size_of, collate_blocks, single_item
 from .patch_loss import check_causal_lm, patch_level_loss
 from .patch_schedule import PATCH, PatchSchedule, training_flops_per_position
 
@@ -68,9 +74,13 @@ class PatchTrainer(Trainer):
 
     `train_dataset` is ONE packed dataset of T-token blocks (`hf_effitrain.pack_dataset`); a patch-stage sequence is K
     consecutive blocks (K*T tokens, T positions), a token-stage sequence one block. `max_steps` / `num_train_epochs`
-    set the TOKEN budget, i.e. what token-level training would consume; the run then takes fewer optimizer steps
-    (see `hf_effitrain.training.patch_schedule`). `save_steps`, `eval_steps` and `logging_steps` count real
-    optimizer steps. `eval_dataset` holds T-token blocks: `eval_loss` is always the token-level loss, and in the
+    set the TOKEN budget, i.e. what token-level training would consume. With `patch_batching="equal_tokens"` (the
+    default, the authors' batching) every optimizer step consumes those `global_batch x T` tokens in both stages, so
+    the run takes exactly `max_steps` steps; a patch-stage micro-batch holds `per_device_train_batch_size / K`
+    sequences (the same tokens, 1/K of the positions: peak memory stays the token stage's). With
+    `"equal_positions"` a patch step processes a token step's positions (K times its tokens) and the run takes fewer
+    optimizer steps (see `hf_effitrain.training.patch_schedule`). `save_steps`, `eval_steps` and `logging_steps`
+    count real optimizer steps. `eval_dataset` holds T-token blocks: `eval_loss` is always the token-level loss, and in the
     patch stage `eval_patch_loss` (K consecutive validation blocks per sequence) is logged too. Without a
     `data_collator`, rows are stacked and `labels = input_ids` added.
 
@@ -135,6 +145,7 @@ class PatchTrainer(Trainer):
             block_size=block_size,
             global_batch=global_batch,
             budget_steps=budget_steps,
+            batching=args.patch_batching,
             flops_per_position=training_flops_per_position(self.model, block_size),
         )
 
@@ -165,20 +176,34 @@ class PatchTrainer(Trainer):
             return super().get_train_dataloader()
         s = self.patch_schedule
         logger.info(
-            "Patch-level training: budget %d tokens (%d token-level steps); %d patch steps of %d x %d tokens "
-            "(lambda %.4f), then %d token steps of %d tokens.",
-            s.budget_tokens, s.budget_steps, s.patch_steps, s.patch_size, s.block_size, s.effective_fraction,
-            s.token_steps, s.block_size,
+            "Patch-level training (%s batching): budget %d tokens (%d token-level steps); %d patch steps of %d "
+            "sequences x %d x %d tokens (lambda %.4f), then %d token steps of %d sequences x %d tokens.",
+            s.batching, s.budget_tokens, s.budget_steps, s.patch_steps, s.patch_sequences_per_step, s.patch_size,
+            s.block_size, s.effective_fraction, s.token_steps, s.global_batch, s.block_size,
         )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         run = StagedBlockDataset(
-            self.train_dataset, s.patch_size, s.patch_steps * s.global_batch, s.token_steps * s.global_batch, seed=seed
+            self.train_dataset, s.patch_size, s.patch_steps * s.patch_sequences_per_step, s.token_steps * s.global_batch,
+            seed=seed,
         )
-        # the run's order is laid out in `run` itself; a sequential sampler keeps stages aligned to whole steps
-        return self._get_dataloader(
-            dataset=run, description="Training", batch_size=self._train_batch_size,
-            sampler_fn=torch.utils.data.SequentialSampler, is_training=True,
+        patch_batch = self._train_batch_size * s.patch_step_cost // s.patch_size  # B/K (equal tokens) or B
+        micro = MicroBatchDataset(
+            run, patch_batch, self._train_batch_size, self._get_collator_with_removed_columns(self.data_collator, "Training")
         )
+        return self._micro_batch_dataloader(micro)
+
+    def _micro_batch_dataloader(self, micro: MicroBatchDataset) -> DataLoader:
+        """One collated micro-batch per item, read in order (the run's order is laid out in `micro` itself), so each
+        optimizer step gets its `gradient_accumulation_steps` micro-batches per process whatever their size."""
+        args = self.args
+        loader = DataLoader(
+            micro, batch_size=1, collate_fn=single_item, sampler=SequentialSampler(micro),
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -190,11 +215,32 @@ class PatchTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         s = self.patch_schedule
-        if self.lr_scheduler is None and self.patch_enabled and s is not None and self.args.patch_reset_optimizer:
-            # one schedule per stage (resuming in the token stage recreates the token stage's)
-            stage = s.stage_of_next_step(self.state.global_step)
-            num_training_steps = s.patch_steps if stage == PATCH else s.token_steps
-        return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is not None or not self.patch_enabled or s is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        start, num_training_steps = 0, s.total_steps
+        if self.args.patch_reset_optimizer:
+            # one schedule per stage (resuming in the token stage recreates the token stage's): the patch stage's
+            # decays to its minimum at the switch, the token stage's starts over with its own warmup
+            if s.stage_of_next_step(self.state.global_step) == PATCH:
+                num_training_steps = s.patch_steps
+            else:
+                start, num_training_steps = s.patch_steps, s.token_steps
+        warmup = self.args.warmup_steps
+        # a share (< 1) is a share of this schedule's steps; steps (>= 1) count tokens, so with equal-positions
+        # batching a patch step (K steps' worth of tokens) does not make the warmup a K times larger share
+        warmup_steps = math.ceil(num_training_steps * warmup) if warmup < 1 else s.steps_for_budget(int(warmup), start)
+        if warmup_steps >= num_training_steps > 0 and warmup > 0:
+            logger.warning(
+                "warmup_steps=%s covers all %d steps of this schedule: the learning rate never reaches its peak.",
+                warmup, num_training_steps,
+            )
+        self.lr_scheduler = get_scheduler(
+            self.args.lr_scheduler_type, optimizer=optimizer if optimizer is not None else self.optimizer,
+            num_warmup_steps=warmup_steps, num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # ---- loss and compute -----------------------------------------------------------------------------------------
 

@@ -255,6 +255,7 @@ def run_pretrain(
 ) -> dict[str, Any]:
     """Train, evaluate, save (safetensors) and optionally export; returns a summary of the run."""
     from ..data import corpus_stats, format_corpus_stats, load_corpus
+    from .resume import train_or_restore
 
     # Rank 0 builds and caches corpus, tokenizer and packed blocks; the other ranks then read the caches.
     with training_args.main_process_first(desc="corpus, tokenizer and packing"):
@@ -268,7 +269,7 @@ def run_pretrain(
     set_seed(training_args.seed)  # the fresh model's initialisation follows --seed, as Trainer's model_init would
     model = build_pretrain_model(args, tokenizer)
     trainer = make_trainer(args, training_args, model, tokenizer, train, validation, callbacks)
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args))
+    train_result = train_or_restore(trainer, resolve_resume_checkpoint(training_args))
     trainer.save_model()  # safetensors: `save_safetensors` is the only format in transformers 5
     metrics = dict(train_result.metrics)
     if trainer.eval_dataset is not None:
@@ -283,6 +284,15 @@ def run_pretrain(
         "corpus": stats,
         "metrics": metrics,
     }
+    schedule = getattr(trainer, "patch_schedule", None)
+    if schedule is not None and trainer.state.global_step > 0:
+        step = trainer.state.global_step
+        # compute of this run relative to token-level training on the same tokens (compute is per position)
+        summary["patch_level"] = {
+            "patch_size": schedule.patch_size, "patch_fraction": schedule.patch_fraction,
+            "stage_reached": schedule.stage_after(step), "patch_steps": min(step, schedule.patch_steps),
+            "relative_compute": schedule.positions_after(step) / schedule.tokens_after(step),
+        }
     if args.export_dir and trainer.is_world_process_zero():
         summary["export_dir"] = str(export_run(trainer.model, tokenizer, args, training_args, metrics))
     return summary
@@ -310,7 +320,7 @@ def export_run(model, tokenizer, args: PretrainArguments, training_args: Trainin
         "hyperparameters": {
             **(
                 {"patch_size": training_args.patch_size, "patch_fraction": training_args.patch_fraction,
-                 "patch_reset_optimizer": training_args.patch_reset_optimizer}
+                 "patch_batching": training_args.patch_batching, "patch_reset_optimizer": training_args.patch_reset_optimizer}
                 if patch else {}
             ),
             **({"init_from": args.init_from} if args.init_from else {"preset": args.preset}),

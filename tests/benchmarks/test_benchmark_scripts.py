@@ -46,11 +46,13 @@ def test_bench_patch(tmp_path):
         "--device", "cpu", "--output", str(out.with_suffix(".json")),
     )
     result = load_result(out)
-    assert set(result["runs"]) == {"token", "patch", "token_half"}
-    assert result["summary"]["patch_over_token_flops"] == pytest.approx(0.5, abs=0.01)
-    patch = result["runs"]["patch"]
-    assert patch["optimizer_steps"] == patch["patch_steps"] + patch["token_steps"]
-    assert patch["train_tokens"] == result["runs"]["token"]["train_tokens"]
+    assert set(result["runs"]) == {"token", "patch", "patch_positions", "token_half"}
+    for name in ("patch", "patch_positions"):  # both batchings: half the FLOPs, all the tokens
+        assert result["summary"][f"{name}_over_token_flops"] == pytest.approx(0.5, abs=0.01)
+        patch = result["runs"][name]
+        assert patch["optimizer_steps"] == patch["patch_steps"] + patch["token_steps"]
+        assert patch["train_tokens"] == result["runs"]["token"]["train_tokens"]
+    assert result["runs"]["patch"]["optimizer_steps"] == result["runs"]["token"]["optimizer_steps"]  # equal tokens per step
     assert all(math.isfinite(run["final_eval_loss"]) for run in result["runs"].values())
 
 
@@ -84,9 +86,13 @@ def test_bench_cascade(tmp_path):
     out = tmp_path / "cascade"
     run_script(
         "bench_cascade.py", "--size", "cpu_small", "--pretrain_steps", "3", "--finetune_steps", "2",
-        "--presets", "standard,paper", "--exact_match_examples", "2", "--output", str(out),
+        "--presets", "standard,paper", "--exact_match_examples", "2", "--speculative_prompts", "1", "--output", str(out),
     )
-    result = load_result(out, ("", "_sequence", "_exact_match"))
+    result = load_result(out, ("", "_sequence", "_exact_match", "_decoded"))
+    for name in ("standard", "paper"):  # decoded curves: the chow sweep reaches both exact ends
+        decoded = result["decoded"][name]
+        shares = [point["small_share"] for point in decoded["curves"]["speculative_chow"]["points"]]
+        assert min(shares) == 0.0 and max(shares) == 1.0 and decoded["speculative_decoding"]["equal_to_large_greedy"] == 1
     for name in ("standard", "paper"):
         curve = result["curves"]["token"][name]
         finetuned = result["results"]["finetune"][name]
@@ -106,15 +112,22 @@ def test_bench_decode(tmp_path):
         "bench_decode.py", "--size", "cpu_small", "--humaneval", str(humaneval), "--out", str(out), "--max_files", "30",
         "--vocab_size", "300", "--block_size", "32", "--pretrain_steps", "3", "--pretrain_batch", "4", "--sft_steps", "2",
         "--sft_batch", "2", "--humaneval_prompts", "2", "--corpus_prompts", "1", "--max_new_tokens", "8", "--repeats", "1",
+        "--datastore_tokens", "20000",
     )
     result = load_result(out)
     assert result["num_prompts"] == {"humaneval": 2, "corpus": 1}
     for model in ("sft", "msn"):
         methods = result["decoding"][model]
-        assert {"greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi"} <= set(methods)
+        assert set(methods) == {"greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore"}
         for name, method in methods.items():
             assert method["agreement"] == 1.0, (model, name)  # float32: every strategy is exact
             assert all(p["new_tokens"] == 8 for p in method["per_prompt"])
+            low, mean, high = method["tokens_per_forward_95"][1], method["tokens_per_forward_95"][0], method["tokens_per_forward_95"][2]
+            assert low <= mean <= high and mean >= 1.0
+        for name in ("greedy", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore"):
+            assert methods[name]["step_overhead_ratio"] > 0 and methods[name]["mean_tree_size"] >= 1
+        assert methods["tr_jacobi_msn"]["mean_tree_size"] > methods["jacobi"]["mean_tree_size"]
+    assert result["datastore"]["split"] == "train" and result["datastore"]["tokens"] > 0
 
 
 def test_bench_data(tmp_path):

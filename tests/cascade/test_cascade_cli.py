@@ -45,10 +45,16 @@ def test_train_then_eval_end_to_end(tmp_path):
     assert torch.equal(cascade.large.lm_head.weight, large.lm_head.weight)
     eval_dir = tmp_path / "eval"
     assert effitrain(["cascade-eval", "--cascade", str(out_dir / "cascade"), "--corpus", str(corpus), "--validation_fraction", "0.25",
-                      "--block_size", "16", "--num_points", "3", "--output_dir", str(eval_dir)]) == 0
+                      "--block_size", "16", "--num_points", "3", "--output_dir", str(eval_dir),
+                      "--decoded_prompts", "1", "--decoded_prompt_len", "8", "--decoded_new_tokens", "6"]) == 0
     curve = json.loads((eval_dir / "deferral_curve.json").read_text())
     assert curve["deferral_ratio"][0] == 0.0 and curve["deferral_ratio"][-1] == 1.0
     assert (eval_dir / "deferral_curve.png").exists()
+    decoded = json.loads((eval_dir / "decoded_curves.json").read_text())
+    chow = decoded["curves"]["speculative_chow"]["points"]  # alpha 0 is the large model's greedy output, alpha 1 the small's
+    assert (chow[0]["small_share"], chow[0]["quality"]) == (0.0, decoded["large"]["quality"])
+    assert (chow[-1]["small_share"], chow[-1]["quality"]) == (1.0, decoded["small"]["quality"])
+    assert decoded["speculative_decoding"]["equal_to_large_greedy"] == 1 and (eval_dir / "decoded_curves.png").exists()
 
 
 @pytest.mark.parametrize("command", ["cascade-train", "cascade-eval"])
@@ -76,6 +82,8 @@ def test_bad_checkpoint_folders_are_refused_before_any_work(tmp_path, command, o
         ("--max_new_tokens", "-1", "max_new_tokens must be >= 1 or unset, got -1"),
         ("--num_points", "1", "num_points must be >= 2"),
         ("--metric", "bleu", r"metric 'bleu'.*token_accuracy"),
+        ("--decoded_prompts", "-1", "decoded_prompts must be >= 0"),
+        ("--cascade_draft_len", "0", "cascade_draft_len must be >= 1, got 0"),
     ],
 )
 def test_cascade_eval_argument_checks(tmp_path, option, value, match):

@@ -11,7 +11,7 @@ from cascade_helpers import prompts, tiny_pair
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 import hf_effitrain
-from hf_effitrain.hub.configuration_cascade import CascadeConfig
+from hf_effitrain.hub.configuration_cascade import SPECULATIVE_DEFAULTS, CascadeConfig
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
 from testing_utils import run_without_package, tiny_model
 
@@ -83,6 +83,12 @@ out = {{
     "none": model.generate(ids, threshold=-math.inf, deferral="token", **kwargs).tolist(),
     "share": model.cascade_stats["deferred_share"],
 }}
+one = dict(attention_mask=mask[1:2], max_new_tokens=6, do_sample=False)
+config = model.generation_config
+out["speculative_defaults"] = [config.speculative_rule, config.speculative_alpha, config.cascade_draft_len]
+out["speculative_large"] = model.generate(ids[1:2], strategy="speculative_cascade", speculative_rule="chow", speculative_alpha=0.0, **one).tolist()
+out["speculative_small"] = model.generate(ids[1:2], strategy="speculative_cascade", speculative_rule="diff", speculative_alpha=1.0, **one).tolist()
+out["speculative_stats"] = model.cascade_stats
 json.dump(out, open("outputs.json", "w"))
 """
 
@@ -106,6 +112,11 @@ def test_reload_without_the_package(tmp_path, writer):
     assert out["share"] == 0.0  # stats of the last call, the no-deferral one
     assert out["all"] == large.generate(ids, **kwargs).tolist()
     assert out["none"] == small.generate(ids, **kwargs).tolist()
+    one = dict(attention_mask=mask[1:2], max_new_tokens=6, do_sample=False)
+    assert out["speculative_defaults"] == [SPECULATIVE_DEFAULTS[name] for name in ("speculative_rule", "speculative_alpha", "cascade_draft_len")]
+    assert out["speculative_large"] == large.generate(ids[1:2], **one).tolist()
+    assert out["speculative_small"] == small.generate(ids[1:2], **one).tolist()
+    assert out["speculative_stats"]["small_token_share"] == 1.0 and out["speculative_stats"]["large_forwards"] == 2
 
 
 def test_forward_is_the_small_model():

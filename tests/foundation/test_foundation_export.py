@@ -313,7 +313,8 @@ def test_custom_generate_folder_ships_the_entry_and_its_siblings(tmp_path):
     assert (folder / "generate.py").read_text() == (HUB / "custom_generate_entry.py").read_text()
     for source in generation_closure():
         assert (folder / source.name).read_text() == source.read_text()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["generate.py", *(p.name for p in generation_closure())])
+    # a sibling reached along several import paths is listed once per path by get_relative_import_files
+    assert sorted(p.name for p in folder.iterdir()) == sorted({"generate.py", *(p.name for p in generation_closure())})
 
 
 def test_model_card_is_filled_from_the_template(tmp_path):
@@ -380,7 +381,8 @@ def test_model_card_lists_the_strategies_that_apply_and_the_default(tmp_path):
     assert "tokenizer.decode(output[0])" in named
     cascade = CascadeForCausalLM.from_models(tiny_model("llama"), tiny_model("qwen2"))
     card = ModelCard.load(export_pretrained(cascade, tmp_path / "cascade") / "README.md").text
-    assert "checkpoint are `cascade`;" in card and "`tr_jacobi`" not in card.split("## Training")[0].split("apply to this")[1]
+    applying = card.split("## Training")[0].split("apply to this")[1].split(";")[0]
+    assert "`cascade`" in applying and "`tr_jacobi`" not in applying and "`jacobi`" not in applying
 
 
 def test_bad_models_are_refused(tmp_path):
@@ -432,3 +434,42 @@ def test_custom_generate_entry_called_directly():
         entry(model, ids, strategy="nope")
     with pytest.raises(TypeError, match="needs the model"):
         entry()
+
+
+def tiny_gpt_neox():
+    """GPT-NeoX: transformers loads its checkpoints through a class-specific conversion mapping (`embed_out` ->
+    `lm_head`), which a remote-code subclass loses unless the export keeps the stock loading behaviour."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def test_export_keeps_the_stock_weight_loading_of_the_remote_class(tmp_path):
+    model = tiny_gpt_neox()
+    export_dir = export_pretrained(model, tmp_path / "neox")  # checks the reload itself (check_reload=True)
+    assert "@keep_stock_weight_loading(GPTNeoXForCausalLM)" in (export_dir / "modeling_effi.py").read_text()
+    assert (export_dir / "transformers_compat.py").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
+    assert type(reloaded).__name__ == "EffiGPTNeoXForCausalLM"
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_export_that_would_reload_different_weights_is_refused(tmp_path, monkeypatch):
+    """Without the stock loading behaviour GPT-NeoX's head would reload random: the export must say so, not ship."""
+    from transformers import conversion_mapping
+
+    from hf_effitrain import export as export_module
+
+    source = export_module._EFFI_MODELING_SOURCE.replace("@keep_stock_weight_loading({base})", "")
+    monkeypatch.setattr(export_module, "_EFFI_MODELING_SOURCE", source)
+    # forget a mapping an earlier export registered for the class name in this process
+    conversion_mapping.get_checkpoint_conversion_mapping("GPTNeoXForCausalLM")  # builds the cache
+    monkeypatch.delitem(conversion_mapping._checkpoint_conversion_mapping_cache, "EffiGPTNeoXForCausalLM", raising=False)
+    monkeypatch.setattr(conversion_mapping, "USER_REGISTERED_MAPPINGS", conversion_mapping.USER_REGISTERED_MAPPINGS - {"EffiGPTNeoXForCausalLM"})
+    with pytest.raises(export_module.ExportReloadError, match=r"EffiGPTNeoXForCausalLM .*lm_head\.weight: differs after reload"):
+        export_pretrained(tiny_gpt_neox(), tmp_path / "neox")
+    export_pretrained(tiny_gpt_neox(), tmp_path / "unchecked", check_reload=False)  # the check can be skipped

@@ -32,7 +32,7 @@ def test_patch_level_loss_fused_equals_logits_path(architecture, patch_size):
 def _train_losses(tmp_path, use_fused_loss):
     ids = torch.randint(0, TINY_VOCAB, (32, 8), generator=torch.Generator().manual_seed(0))
     args = PatchTrainingArguments(
-        output_dir=str(tmp_path), patch_size=4, patch_fraction=0.5, max_steps=6, per_device_train_batch_size=2,
+        output_dir=str(tmp_path), patch_size=4, patch_fraction=0.5, max_steps=6, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, seed=0, disable_tqdm=True, use_fused_loss=use_fused_loss,
     )  # fmt: skip

@@ -20,9 +20,13 @@ from hf_effitrain.hub.generation_jacobi import (
     jacobi_generate,
     tr_jacobi_generate,
 )
-from hf_effitrain.hub.generation_jacobi_tree import DraftTree, SuffixIndex, tr_jacobi_nodes
+from hf_effitrain.hub.draft_tree_auto import static_step_tree
+from hf_effitrain.hub.generation_jacobi_tree import tr_jacobi_nodes
+from hf_effitrain.hub.suffix_drafter import SuffixDrafter
 
 STRATEGIES = ("jacobi", "tr_jacobi")
+# (strategy, extra kwargs): every exactness check covers the static tree and the auto tree
+VARIANTS = (("jacobi", {}), ("tr_jacobi", {"tree": "msn"}), ("tr_jacobi", {}))
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,13 +56,15 @@ def _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
     ids = torch.tensor([prompt])
     expected = _greedy(model, ids, max_new_tokens=max_new_tokens)
     jacobi = _strategy(model, ids, "jacobi", max_new_tokens=max_new_tokens, jacobi_draft_len=draft_len)
-    tree = _strategy(model, ids, "tr_jacobi", max_new_tokens=max_new_tokens, tree_depth=depth, tree_top_k=top_k)
+    tree = _strategy(model, ids, "tr_jacobi", max_new_tokens=max_new_tokens, tree="msn", tree_depth=depth, tree_top_k=top_k)
+    auto = _strategy(model, ids, "tr_jacobi", max_new_tokens=max_new_tokens, tree_depth=depth, tree_top_k=top_k, tree_budget=draft_len * 4)
     assert torch.equal(jacobi, expected)
     assert torch.equal(tree, expected)
+    assert torch.equal(auto, expected)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**_EXAMPLES)
 def test_msn_exact_against_greedy(architecture, prompt, max_new_tokens, draft_len, depth, top_k):
     _check_exact(architecture, prompt, max_new_tokens, draft_len, depth, top_k)
@@ -91,11 +97,11 @@ def test_msn_exact_with_eos_mask_processors_and_scores(architecture, attn):
     for case in cases:
         kwargs = {"max_new_tokens": 30, **case}
         expected = _greedy(model, ids, **kwargs)
-        for strategy in STRATEGIES:
-            assert torch.equal(_strategy(model, ids, strategy, **kwargs), expected), (strategy, case)
+        for strategy, extra in VARIANTS:
+            assert torch.equal(_strategy(model, ids, strategy, **kwargs, **extra), expected), (strategy, extra, case)
     expected = _greedy(model, ids, max_new_tokens=20, return_dict_in_generate=True, output_scores=True, output_logits=True)
-    for strategy in STRATEGIES:
-        out = _strategy(model, ids, strategy, max_new_tokens=20, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    for strategy, extra in VARIANTS:
+        out = _strategy(model, ids, strategy, max_new_tokens=20, return_dict_in_generate=True, output_scores=True, output_logits=True, **extra)
         assert isinstance(out, JacobiGenerateOutput)
         assert torch.equal(out.sequences, expected.sequences)
         assert len(out.scores) == len(expected.scores) == 20
@@ -104,6 +110,7 @@ def test_msn_exact_with_eos_mask_processors_and_scores(architecture, attn):
         assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
         assert sum(out.accepted_lengths) == 20 and out.num_forwards == len(out.accepted_lengths)
         assert out.tokens_per_forward == pytest.approx(20 / out.num_forwards)
+        assert len(out.tree_sizes) == out.num_forwards - 1 and all(size >= 1 for size in out.tree_sizes)
 
 
 def _repeating_case():
@@ -189,6 +196,9 @@ def test_msn_effi_model_generate_strategy_and_config_default():
         ({"tree_depth": -1}, ValueError, "tree_depth"),
         ({"retrieval_length": 0}, ValueError, "retrieval_length"),
         ({"retrieval_ngram_size": 2.5}, TypeError, "retrieval_ngram_size"),
+        ({"tree": "medusa"}, ValueError, r"Unknown `tree` 'medusa'; allowed: 'auto' .*'msn'"),
+        ({"tree_budget": -3}, ValueError, "`tree_budget` must be a non-negative int, got -3"),
+        ({"retrieval_branches": -1}, ValueError, "`retrieval_branches` must be a non-negative int, got -1"),
         ({"do_sample": True}, ValueError, "greedy only"),
         ({"num_beams": 2}, ValueError, "exact greedy"),
         ({"cache_implementation": "static"}, ValueError, "DynamicCache"),
@@ -206,7 +216,7 @@ def test_msn_decoding_errors_batch_strategy_and_attention():
     model = _model("gpt2")
     with pytest.raises(ValueError, match="batch size 1"):
         _strategy(model, torch.tensor([[1, 2], [3, 4]]), "jacobi", max_new_tokens=3)
-    with pytest.raises(ValueError, match=r"valid strategies are \['cascade', 'jacobi', 'tr_jacobi'\]"):
+    with pytest.raises(ValueError, match=r"valid strategies are \['cascade', 'jacobi', 'speculative_cascade', 'tr_jacobi'\]"):
         _strategy(model, torch.tensor([[1, 2]]), "medusa", max_new_tokens=3)
     flash = tiny_model("mistral")
     flash.config._attn_implementation = "flash_attention_2"
@@ -226,19 +236,30 @@ def test_msn_sliding_window_jacobi_exact_and_tree_refused():
 
 
 def test_msn_tree_structure_and_retrieval():
-    tree = DraftTree(tr_jacobi_nodes(5, 10, 5), torch.device("cpu"), torch.float32)
-    assert tree.size == 69 and tree.max_depth == 5
-    assert torch.bincount(tree.depth).tolist() == [1, 11, 29, 24, 3, 1]
+    tree = static_step_tree(tr_jacobi_nodes(5, 10, 5))
+    assert tree.size == 69 and max(tree.depth) == 5
+    assert torch.bincount(torch.tensor(tree.depth)).tolist() == [1, 11, 29, 24, 3, 1]
     # every node sees exactly the root, its ancestors and itself
-    visible = tree.bias == 0
-    assert visible.sum(dim=1).tolist() == (tree.depth + 1).tolist()
-    assert all(visible[tree.paths[p, d], tree.paths[p, : d + 1]].all() for p in range(len(tree.paths)) for d in range(int(tree.valid[p].sum())))
-    cut = tree.cut(2)
-    assert cut.max_depth == 2 and cut.size == 1 + 11 + 29
-    index = SuffixIndex([4, 1, 2, 3, 9, 8, 7, 6, 1, 2], max_ngram=3)
-    assert index.lookup(5) == [3, 9, 8, 7, 6]  # earliest occurrence of the longest suffix (1, 2)
-    index.extend([5, 4])
-    assert index.lookup(5) == [1, 2, 3, 9, 8]  # only the 1-gram (4) re-occurs
-    index.extend([1, 2, 3])
-    assert index.lookup(3) == [9, 8, 7]  # 3-gram (1, 2, 3)
-    assert SuffixIndex([5, 6, 7], 3).lookup(2) == [] and SuffixIndex([7, 7], 3).lookup(4) == [7]
+    visible = torch.zeros(tree.size, tree.size, dtype=torch.bool)
+    visible[tree.visible_rows, tree.visible_cols] = True
+    assert visible.sum(dim=1).tolist() == [d + 1 for d in tree.depth]
+    for node, line in enumerate(tree.ancestors):
+        assert line[0] == 0 and line[-1] == node and all(tree.parents[b - 1] == a for a, b in zip(line, line[1:]))
+    cut = static_step_tree([node for node in tr_jacobi_nodes(5, 10, 5) if len(node) <= 2])
+    assert max(cut.depth) == 2 and cut.size == 1 + 11 + 29
+    # acceptance walks the longest path whose tokens equal the parent's greedy prediction
+    tokens = [0] * tree.size
+    predicted = list(range(100, 100 + tree.size))
+    first = tree.children[0][3]
+    tokens[first] = predicted[0]
+    assert tree.accept(tokens, predicted) == [0, first]
+
+
+def test_msn_suffix_drafter_frequency_ranked_branches():
+    drafter = SuffixDrafter([4, 1, 2, 3, 9, 1, 2, 3, 9, 1, 2, 7], max_ngram=3)
+    drafter.extend([1, 2])
+    branches = drafter.propose(branches=2, length=3)
+    # after (1, 2): 3 twice, 7 once; each branch continues with the most frequent next token of its context
+    assert [tokens for tokens, _ in branches] == [[3, 9, 1], [7, 1, 2]]
+    assert branches[0][1][0] == pytest.approx(2 / 4) and branches[1][1][0] == pytest.approx(1 / 4)
+    assert SuffixDrafter([5, 6, 7], 3).propose(2, 2) == [] and SuffixDrafter([7, 7], 3).propose(1, 4) == [([7, 7, 7, 7], [0.5] * 4)]

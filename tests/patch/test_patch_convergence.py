@@ -21,9 +21,10 @@ def test_patch_level_training_lowers_the_token_level_validation_loss(stdlib_bloc
     tokenizer, train, validation = stdlib_blocks
     torch.manual_seed(0)
     model = build_model("tiny", "llama", vocab_size=len(tokenizer), max_position_embeddings=64)
+    # equal-tokens batching: a patch step takes 32 / 4 = 8 sequences of 4 x 32 tokens (164k tokens in 160 steps)
     args = PatchTrainingArguments(
-        output_dir=str(tmp_path), patch_size=4, patch_fraction=1.0, max_steps=160, per_device_train_batch_size=8,
-        learning_rate=1e-2, warmup_steps=0.1, eval_strategy="steps", eval_steps=20, eval_on_start=True,
+        output_dir=str(tmp_path), patch_size=4, patch_fraction=1.0, max_steps=160, per_device_train_batch_size=32,
+        learning_rate=1e-2, warmup_steps=0.1, eval_strategy="steps", eval_steps=80, eval_on_start=True,
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
     )
     trainer = PatchTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation)

@@ -166,3 +166,56 @@ def test_model_without_input_embeddings():
 
     with pytest.raises(ValueError, match="no input embeddings"):
         patch_level_loss(NoEmbeddings(), torch.zeros(1, 8, dtype=torch.long), 2)
+
+
+# Conventions that a loss computed outside the model's forward gets wrong unless it scores the model's own logits.
+# Each type's K=1 patch loss must equal the next-token cross-entropy of its own logits on `input_ids`.
+CONVENTION_TYPES = {
+    "minicpm3": "hidden states divided by logits_scaling before the head (scaled once, not twice)",
+    "gemma2": "final_logit_softcapping",
+    "recurrent_gemma": "logits_soft_cap",
+    "roberta": "position ids counted from padding_idx + 1",
+    "mllama": "embedding table larger than the vocabulary",
+}
+
+
+@pytest.mark.parametrize("use_fused_loss", [False, True])
+@pytest.mark.parametrize("model_type", sorted(CONVENTION_TYPES))
+def test_patch_size_one_keeps_each_architecture_convention(model_type, use_fused_loss):
+    from tests.sweep.tiny_configs import tiny_causal_lm
+
+    model = tiny_causal_lm(model_type)
+    with torch.no_grad():  # trained-looking logits, so that a missing scale or cap shows clearly
+        model.get_output_embeddings().weight.mul_(20)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    stock = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(patch_level_loss(model, ids, 1, use_fused_loss=use_fused_loss), stock, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_logit_settings_are_not_fused():
+    """A config entry that looks like a logit transform the package does not know keeps the logits path."""
+    from hf_effitrain.ops import fusable_lm_head
+
+    model = tiny_model("llama")
+    assert fusable_lm_head(model) is model.get_output_embeddings()
+    model.config.output_logits_scaling_factor = 4.0
+    assert fusable_lm_head(model) is None
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, match",
+    [
+        ("gemma4_text", {}, "per-layer inputs are looked up by token id"),
+        ("deepseek_v4", {}, "routes hash-assigned experts by token id"),
+        ("prophetnet", {}, "n-gram streams"),
+        ("roberta", {"is_decoder": False}, "attend bidirectionally"),
+    ],
+)
+def test_architectures_that_need_token_ids_are_refused(model_type, overrides, match):
+    from tests.sweep.tiny_configs import tiny_causal_lm
+
+    model = tiny_causal_lm(model_type, **overrides)
+    with pytest.raises(ValueError, match=match):
+        patch_level_loss(model, torch.randint(3, 100, (1, 8)), 2)

@@ -1,0 +1,86 @@
+"""Model-free drafts from the text itself: frequency-ranked continuations of its longest recurring suffix.
+
+SuffixDecoding-style (Oliaro et al. 2024): every n-gram (n <= `max_ngram`) of prompt + generated text counts the
+tokens that followed it. A step's proposals start from the longest suffix of the text that occurred before: its
+`branches` most frequent next tokens each open a branch, extended greedily by the most frequent (then most recent)
+next token of the longest matching context. Each proposed token carries a confidence, the share of the context's
+occurrences that it followed (`count / (total + 1)`: one occurrence gives 0.5, not certainty).
+
+Grown incrementally: a new token costs `max_ngram` dict updates; a proposal costs a few dict lookups per token, all on
+the host (the acceptance sync already brought the tokens there). Used for drafts only: exactness never depends on it.
+
+This file ships inside checkpoints (`hub/`): it imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+__all__ = ["SuffixDrafter"]
+
+
+class SuffixDrafter:
+    """N-gram continuation counts over a growing token list.
+
+    Args:
+        tokens (`list[int]`): the text so far (prompt + first token).
+        max_ngram (`int`): longest context looked up.
+    """
+
+    def __init__(self, tokens: list[int], max_ngram: int):
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        # context -> {next token: [count, last position]}, and context -> (total count, best next token)
+        self.next: dict[tuple[int, ...], dict[int, list[int]]] = {}
+        self.best: dict[tuple[int, ...], tuple[int, int]] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        start = max(len(self.tokens), 1)
+        self.tokens.extend(tokens)
+        t = self.tokens
+        for end in range(start, len(t)):  # t[end] follows the n-grams that end at end - 1
+            token = t[end]
+            for n in range(1, min(self.max_ngram, end) + 1):
+                context = tuple(t[end - n : end])
+                successors = self.next.setdefault(context, {})
+                entry = successors.setdefault(token, [0, end])
+                entry[0] += 1
+                entry[1] = end
+                total, best = self.best.get(context, (0, token))
+                if entry[0] >= successors[best][0]:  # ties go to the most recent (code repeats locally)
+                    best = token
+                self.best[context] = (total + 1, best)
+
+    def _context(self, text: list[int]) -> tuple[int, ...] | None:
+        for n in range(min(self.max_ngram, len(text)), 0, -1):
+            context = tuple(text[-n:])
+            if context in self.best:
+                return context
+        return None
+
+    def propose(self, branches: int, length: int) -> list[tuple[list[int], list[float]]]:
+        """Up to `branches` continuations of up to `length` tokens, most frequent first: `(tokens, confidences)`."""
+        if branches < 1 or length < 1:
+            return []
+        context = self._context(self.tokens)
+        if context is None:
+            return []
+        successors = self.next[context]
+        total = self.best[context][0]
+        firsts = heapq.nlargest(branches, successors.items(), key=lambda item: (item[1][0], item[1][1]))
+        proposals = []
+        tail = self.tokens[-self.max_ngram :]
+        for token, (count, _) in firsts:
+            chain, confidences = [token], [count / (total + 1)]
+            text = tail + chain
+            while len(chain) < length:
+                context = self._context(text)
+                if context is None:
+                    break
+                total_next, best = self.best[context]
+                chain.append(best)
+                confidences.append(self.next[context][best][0] / (total_next + 1))
+                text.append(best)
+            proposals.append((chain, confidences))
+        return proposals
