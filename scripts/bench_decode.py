@@ -33,6 +33,7 @@ import logging
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -453,11 +454,23 @@ def prepare_datastore(args, corpus, tokenizer, work: Path):
     return load_datastore(path, tokenizer=tokenizer)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (read-only `git rev-parse`), plus "+dirty" when files differ from it."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def merge(paths: list[str], out: Path) -> dict:
     """One report from single-model reports of the same configuration (e.g. `--models sft` and `--models msn` run
     side by side, one process each)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     report = reports[0]
+    report.setdefault("git_commit", git_commit())
     for other in reports[1:]:
         report["decoding"].update(other["decoding"])
         report["validation_loss"].update(other["validation_loss"])
@@ -501,7 +514,7 @@ def main(argv=None) -> int:
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_commit": git_commit(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version()},
         "config": vars(args), "dtype": str(dtype), "num_prompts": {"humaneval": sum(p["source"] == "humaneval" for p in prompts), "corpus": sum(p["source"] == "corpus" for p in prompts)},
         "training": _load_state(work), "validation_loss": {}, "decoding": {},

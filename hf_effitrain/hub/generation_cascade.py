@@ -121,7 +121,11 @@ def _sequence_cascade(model, input_ids, config, kwargs, rule, threshold, quantil
 
 
 class _Member:
-    """One member's KV cache and forward, fed only the tokens it has not seen yet (mirrors `generate`'s `_sample`)."""
+    """One member's KV cache and forward, fed only the tokens it has not seen yet (mirrors `generate`'s `_sample`).
+
+    Shared by the token-level cascade (one new position per call) and the speculative cascade (drafts verified in
+    one call, then `roll_back` to the accepted tokens).
+    """
 
     def __init__(self, model, cache, base_kwargs: dict[str, Any]):
         self.model, self.cache = model, cache
@@ -129,23 +133,38 @@ class _Member:
         self.cache_kwarg = cache_param_name(type(model).prepare_inputs_for_generation)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.base_kwargs = base_kwargs
+        self.forwards = 0
         self.forward_tokens = 0
 
-    def next_logits(self, input_ids: torch.LongTensor, attention_mask, position_ids) -> torch.Tensor:
+    def logits(self, input_ids: torch.LongTensor, attention_mask, position_ids, keep: int = 1) -> torch.Tensor:
+        """Float32 logits `(batch, keep, vocab)` of the last `keep` positions of `input_ids` `(batch, length)`."""
         seen = self.cache.get_seq_length()
         n_new = input_ids.shape[1] - seen
+        if n_new < keep:
+            raise RuntimeError(f"Asked for the logits of {keep} positions but only {n_new} are new to the cache (bug).")
         kwargs = {**self.base_kwargs, self.cache_kwarg: self.cache, "use_cache": True}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None and self.accepts_position_ids:
             kwargs["position_ids"] = position_ids
         if self.use_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=n_new, is_first_iteration=seen == 0, **kwargs)
         outputs = self.model(**inputs, return_dict=True)
         self.cache = output_cache(outputs)
+        self.forwards += 1
         self.forward_tokens += n_new * input_ids.shape[0]
-        return outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        return outputs.logits[:, -keep:].to(copy=True, dtype=torch.float32)
+
+    def next_logits(self, input_ids: torch.LongTensor, attention_mask, position_ids) -> torch.Tensor:
+        """Float32 logits `(batch, vocab)` of the next token."""
+        return self.logits(input_ids, attention_mask, position_ids, keep=1)[:, -1]
+
+    def roll_back(self, length: int) -> None:
+        """Keep the first `length` cached positions (a member that lags behind keeps what it has)."""
+        excess = self.cache.get_seq_length() - length
+        if excess >= 0:
+            self.cache.crop(-excess)  # crop(0) also lets sliding-window layers drop what they no longer need
 
 
 def _token_cascade(model, input_ids, config, kwargs, threshold):

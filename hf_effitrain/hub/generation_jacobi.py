@@ -167,6 +167,10 @@ def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str
         raise ValueError(f"Strategy {strategy!r} is greedy only (exact greedy decoding); got do_sample=True.")
     streamer = kwargs.pop("streamer", None)
     generation_config = _move_stop_strings_to_criteria(model, generation_config, kwargs)
+    if kwargs.get("use_cache") is None and getattr(generation_config, "use_cache", None) is None:
+        # Some configs default to use_cache=False (MPT); caching changes no greedy token, and the strategies need it.
+        # An explicit use_cache=False is still refused in the loop.
+        kwargs["use_cache"] = True
 
     def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         return _decode_loop(
@@ -250,6 +254,7 @@ def tr_jacobi_generate(model, inputs: torch.Tensor | None = None, generation_con
              "datastore_branches", "draft_seed")
     params = _resolve_params(model, generation_config, kwargs, names)
     datastore = _resolve_datastore(model, kwargs.pop("datastore", None), kwargs.get("tokenizer"))
+    check_decoding_support(model, "tr_jacobi")  # the architecture's own reason first, before signature checks
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in _ATTENTION_WITH_CUSTOM_MASKS:
         raise ValueError(

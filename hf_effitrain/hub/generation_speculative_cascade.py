@@ -31,7 +31,6 @@ This file ships inside checkpoints (`hub/`): it imports only stdlib, torch, tran
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +41,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .configuration_cascade import SPECULATIVE_DEFAULTS, check_speculative_settings
 from .decoding_support import decoding_refusal
-from .generation_cascade import _member_generation_config
+from .generation_cascade import _Member, _member_generation_config
 from .generation_jacobi import _STATEFUL_PROCESSORS, _check_cache, _move_stop_strings_to_criteria, _Stopper
-from .transformers_compat import cache_from_model_kwargs, cache_param_name, output_cache, supports_logits_to_keep
+from .transformers_compat import cache_from_model_kwargs
 
 STRATEGY = "speculative_cascade"
 
@@ -92,45 +91,6 @@ def trust_small(rule: str, alpha: float, small_scores: torch.Tensor, large_score
     return top_small >= p_large.max(dim=-1).values - margin
 
 
-class _Member:
-    """One member's KV cache and forward, fed only the tokens it has not seen yet (as `generate`'s `_sample` feeds it)."""
-
-    def __init__(self, model, cache, base_kwargs: dict[str, Any]):
-        self.model, self.cache = model, cache
-        self.use_logits_to_keep = supports_logits_to_keep(model)
-        self.cache_kwarg = cache_param_name(type(model).prepare_inputs_for_generation)
-        self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        self.base_kwargs = base_kwargs
-        self.forwards = 0
-        self.forward_tokens = 0
-
-    def logits(self, input_ids: torch.LongTensor, attention_mask, position_ids, keep: int) -> torch.Tensor:
-        """Float32 logits `(keep, vocab)` of the last `keep` positions of `input_ids` `(1, length)`."""
-        seen = self.cache.get_seq_length()
-        n_new = input_ids.shape[1] - seen
-        if n_new < keep:
-            raise RuntimeError(f"{STRATEGY}: asked for {keep} positions but only {n_new} are new to the cache (bug).")
-        kwargs = {**self.base_kwargs, self.cache_kwarg: self.cache, "use_cache": True}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if position_ids is not None and self.accepts_position_ids:
-            kwargs["position_ids"] = position_ids
-        if self.use_logits_to_keep:
-            kwargs["logits_to_keep"] = keep
-        inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=n_new, is_first_iteration=seen == 0, **kwargs)
-        outputs = self.model(**inputs, return_dict=True)
-        self.cache = output_cache(outputs)
-        self.forwards += 1
-        self.forward_tokens += n_new
-        return outputs.logits[0, -keep:].to(copy=True, dtype=torch.float32)
-
-    def roll_back(self, length: int) -> None:
-        """Keep the first `length` cached positions (a member that lags behind keeps what it has)."""
-        excess = self.cache.get_seq_length() - length
-        if excess >= 0:
-            self.cache.crop(-excess)  # crop(0) also lets sliding-window layers drop what they no longer need
-
-
 class _Context:
     """The committed attention mask / position ids, grown on the fly to cover drafts."""
 
@@ -165,7 +125,7 @@ def _round(small: _Member, large: _Member, sequence, context: _Context, logits_p
     small_scores, drafts = [], []
     for i in range(draft_len):  # 1. greedy drafts, one small forward each
         mask, positions = context.covering(i)
-        scores = logits_processor(ids, small.logits(ids, mask, positions, keep=1))
+        scores = logits_processor(ids, small.logits(ids, mask, positions, keep=1)[0])
         small_scores.append(scores)
         drafts.append(int(scores.argmax(-1)))
         ids = torch.cat([ids, ids.new_tensor([[drafts[-1]]])], dim=1)
@@ -176,7 +136,7 @@ def _round(small: _Member, large: _Member, sequence, context: _Context, logits_p
         trusted = trust_small(rule, alpha, small_scores, None)
     if drafts and (rule != "chow" or not bool(trusted.all())):  # 2. one large forward over the context and the drafts
         mask, positions = context.covering(draft_len)
-        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=draft_len + 1), n)
+        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=draft_len + 1)[0], n)
         trusted = trust_small(rule, alpha, small_scores, large_scores[:draft_len])
     if drafts:  # 3. accept up to the first draft that differs from its target
         draft_tensor = torch.tensor(drafts, device=small_scores.device)
@@ -190,13 +150,13 @@ def _round(small: _Member, large: _Member, sequence, context: _Context, logits_p
 
     # 4. every draft accepted: the bonus position's target (the small model scores it first, the rule may skip the large)
     mask, positions = context.covering(draft_len)
-    bonus_small = logits_processor(ids, small.logits(ids, mask, positions, keep=1))
+    bonus_small = logits_processor(ids, small.logits(ids, mask, positions, keep=1)[0])
     if large_scores is None and rule != "chow":
-        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1), n + draft_len)
+        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1)[0], n + draft_len)
     bonus_large = None if large_scores is None else large_scores[-1:]
     trust_bonus = bool(trust_small(rule, alpha, bonus_small, bonus_large))
     if not trust_bonus and bonus_large is None:
-        bonus_large = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1), n + draft_len)
+        bonus_large = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1)[0], n + draft_len)
     bonus = int((bonus_small if trust_bonus else bonus_large).argmax(-1))
     return drafts + [bonus], flags + [trust_bonus], n_accepted
 

@@ -435,20 +435,6 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         all_hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
         slots = itertools.count()
 
-        def evaluate(layer: OdeSharedDecoderLayer, pending: PendingUpdate) -> tuple[torch.Tensor, torch.Tensor]:
-            point, update = layer(
-                *pending,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                cache_slot=next(slots),
-                **kwargs,
-            )
-            if all_hidden_states is not None:
-                all_hidden_states.append(point)
-            return point, update
-
         consistency = compute_consistency and self.training and self.config.consistency_weight > 0
         if consistency and past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("The step-consistency term is computed on whole sequences; call without a filled KV cache.")

@@ -20,7 +20,6 @@ _NEEDLE = {
     'own segment inputs': 'segment, position and prompt inputs',  # patch loss: segment / position / prompt inputs built from input_ids
     'per-layer inputs by token id': 'per-layer inputs',  # per-layer inputs looked up by token id: a patch has none
     'recurrent state': 'keeps recurrent state',  # stateful (`_is_stateful`): SSM / recurrent / linear-attention state cannot be rolled back
-    'use_cache=False default': 'use_cache=True',  # the config's default use_cache=False reaches the strategy as if the user had set it
 }
 
 
@@ -33,43 +32,35 @@ EXPECTED: dict[str, dict[str, str]] = {
     **{t: _refused(jacobi='cache layers not croppable', tr_jacobi='cache layers not croppable') for t in (
         'axk2', 'deepseek_v32', 'dots3_note_text', 'glm_moe_dsa', 'hy_v4', 'inkling_text', 'lfm2', 'lfm3',
     )},
-    **{t: _refused(jacobi='n-gram streams', patch_loss='n-gram streams', tr_jacobi='no position_ids') for t in (
+    **{t: _refused(jacobi='n-gram streams', patch_loss='n-gram streams', tr_jacobi='n-gram streams') for t in (
         'prophetnet',
     )},
     **{t: _refused(jacobi='no KV cache', tr_jacobi='no KV cache') for t in (
         'openai-gpt', 'reformer',
     )},
-    **{t: _refused(jacobi='own cache class', tr_jacobi='no position_ids') for t in (
-        'xlnet',
-    )},
     **{t: _refused(jacobi='own cache class', tr_jacobi='own cache class') for t in (
-        'minimax',
+        'minimax', 'xlnet',
     )},
     **{t: _refused(jacobi='own cache dict', patch_loss='bidirectional', tr_jacobi='own cache dict') for t in (
         'xlm',
     )},
-    **{t: _refused(jacobi='own prompt inputs', patch_loss='own segment inputs', tr_jacobi='no position_ids') for t in (
+    **{t: _refused(jacobi='own prompt inputs', patch_loss='own segment inputs', tr_jacobi='own prompt inputs') for t in (
         'cpmant',
     )},
     **{t: _refused(jacobi='recurrent state', patch_loss='hash routing by token id', tr_jacobi='recurrent state') for t in (
         'deepseek_v4',
     )},
-    **{t: _refused(jacobi='recurrent state', tr_jacobi='no position_ids') for t in (
-        'falcon_mamba', 'mamba', 'mamba2', 'rwkv', 'xlstm',
-    )},
     **{t: _refused(jacobi='recurrent state', tr_jacobi='recurrent state') for t in (
+        'falcon_mamba', 'mamba', 'mamba2', 'rwkv', 'xlstm',
         'bailing_hybrid', 'bamba', 'falcon_h1', 'granitemoehybrid', 'jamba', 'kimi_linear', 'lara_mini',
         'nemotron_h', 'olmo_hybrid', 'qwen3_5', 'qwen3_5_moe', 'qwen3_5_moe_text', 'qwen3_5_text', 'qwen3_next',
         'recurrent_gemma', 'zamba', 'zaya',
-    )},
-    **{t: _refused(jacobi='use_cache=False default', tr_jacobi='no position_ids') for t in (
-        'mpt',
     )},
     **{t: _refused(patch_loss='per-layer inputs by token id') for t in (
         'gemma4', 'gemma4_text',
     )},
     **{t: _refused(tr_jacobi='no position_ids') for t in (
-        'bart', 'bigbird_pegasus', 'blenderbot', 'blenderbot-small', 'bloom', 'marian', 'mbart',
+        'bart', 'bigbird_pegasus', 'blenderbot', 'blenderbot-small', 'bloom', 'marian', 'mbart', 'mpt',
         'moss_transcribe_diarize', 'mvp', 'pegasus', 'plbart', 'roformer', 'trocr', 'whisper',
     )},
 }

@@ -39,7 +39,7 @@ CI_SAMPLE = (
     "xlm",  # its own cache dict; bidirectional by default (patch loss refused)
     "mamba",  # stateful SSM (decoding refused)
     "qwen3_next",  # hybrid linear attention (decoding refused)
-    "mpt",  # config default use_cache=False; no position_ids (tr_jacobi refused)
+    "mpt",  # config default use_cache=False (decoded with the cache on); no position_ids (tr_jacobi refused)
     "cpmant",  # embedding table larger than the vocabulary
     "mllama",  # embedding table larger than the vocabulary
     "prophetnet",  # n-gram streams (decoding and patch loss refused)
