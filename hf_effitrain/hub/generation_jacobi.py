@@ -328,6 +328,19 @@ class _Stopper:
         return len(tokens), False
 
 
+def refuse_stateful_processors(logits_processor, strategy: str, why: str) -> None:
+    """Refuse logits processors that keep state across calls (see `_STATEFUL_PROCESSORS`), saying `why` they would
+    see more calls than greedy decoding makes."""
+    for processor in logits_processor:
+        origin = next((flag for kind, flag in _STATEFUL_PROCESSORS.items() if isinstance(processor, kind)), None)
+        if origin is not None:
+            raise ValueError(
+                f"Strategy {strategy!r} cannot use {type(processor).__name__} (from `{origin}`): it keeps state across "
+                f"calls and expects one call per generated token, while {why}, so the output would silently differ "
+                "from greedy's. Use strategy='plain'."
+            )
+
+
 def _check_cache(cache, strategy: str, max_length: int, model, offset: int = 0) -> None:
     """Refuse what cannot be rolled back; `offset`: prompt positions given as `inputs_embeds` (not in `max_length`)."""
     check_decoding_support(model, strategy, cache)  # architectures that cannot roll back, with the reason
@@ -508,14 +521,7 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         raise ValueError(f"Strategy {strategy!r} does not return attentions or hidden states.")
     if not model_kwargs.get("use_cache", True):
         raise ValueError(f"Strategy {strategy!r} needs use_cache=True.")
-    for processor in logits_processor:
-        origin = next((flag for kind, flag in _STATEFUL_PROCESSORS.items() if isinstance(processor, kind)), None)
-        if origin is not None:
-            raise ValueError(
-                f"Strategy {strategy!r} cannot use {type(processor).__name__} (from `{origin}`): "
-                f"it keeps state across calls and expects one call per generated token, while the strategy applies the "
-                f"logits processors to every draft, so the output would silently differ from greedy's. Use strategy='plain'."
-            )
+    refuse_stateful_processors(logits_processor, strategy, "the strategy applies the logits processors to every draft")
     cache = cache_from_model_kwargs(model_kwargs)
     stopper = _Stopper(stopping_criteria, stopping_criteria.max_length or generation_config.max_length)
     # A prompt given as `inputs_embeds` fills the cache without appearing in `input_ids` (nor in `max_length`).

@@ -42,7 +42,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .configuration_cascade import SPECULATIVE_DEFAULTS, check_speculative_settings
 from .decoding_support import decoding_refusal
 from .generation_cascade import _Member, _member_generation_config
-from .generation_jacobi import _STATEFUL_PROCESSORS, _check_cache, _move_stop_strings_to_criteria, _Stopper
+from .generation_jacobi import _check_cache, _move_stop_strings_to_criteria, _Stopper, refuse_stateful_processors
 from .transformers_compat import cache_from_model_kwargs
 
 STRATEGY = "speculative_cascade"
@@ -176,13 +176,7 @@ def _check_loop_inputs(generation_config, input_ids, model_kwargs, logits_proces
         )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError(f"Strategy {STRATEGY!r} needs prompt ids: the large model cannot read the small model's `inputs_embeds`.")
-    for processor in logits_processor:
-        origin = next((flag for kind, flag in _STATEFUL_PROCESSORS.items() if isinstance(processor, kind)), None)
-        if origin is not None:
-            raise ValueError(
-                f"Strategy {STRATEGY!r} cannot use {type(processor).__name__} (from `{origin}`): it keeps state across "
-                "calls and expects one call per generated token, while drafts are scored and rolled back."
-            )
+    refuse_stateful_processors(logits_processor, STRATEGY, "drafts are scored and rolled back")
 
 
 def _decode_loop(cascade, small_model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, params, streamer):
