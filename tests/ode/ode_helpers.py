@@ -6,6 +6,8 @@ import contextlib
 from collections import Counter
 
 import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
 
 from hf_effitrain import OdeSharedConfig, OdeSharedForCausalLM
 
@@ -33,3 +35,21 @@ def count_layer_calls(model: OdeSharedForCausalLM):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def greedy_without_cache(model, ids: torch.Tensor, num_steps, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole sequence at every token: the cache-free reference."""
+    for _ in range(new_tokens):
+        logits = model(ids, num_steps=num_steps, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=-1)
+    return ids
+
+
+def ode_trainer(model, tmp_path, ids: torch.Tensor, **args) -> Trainer:
+    """A stock `Trainer` over `ids` (inputs = labels) for 4 steps of batch 2 on CPU, no checkpoints."""
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, **args,
+    )
+    return Trainer(model=model, args=arguments, train_dataset=data)

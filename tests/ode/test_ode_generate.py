@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ode_helpers import VOCAB, count_layer_calls, tiny_ode
+from ode_helpers import VOCAB, count_layer_calls, greedy_without_cache, tiny_ode
 from transformers import DynamicCache, GenerationMixin
 
 from hf_effitrain.hub.generation_effi import EffiGenerationMixin
@@ -14,20 +14,12 @@ PROMPT = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed
 NEW_TOKENS = 8
 
 
-def _greedy_without_cache(model, ids, num_steps):
-    """Recompute the whole sequence at every token: no cache involved."""
-    for _ in range(NEW_TOKENS):
-        logits = model(ids, num_steps=num_steps, use_cache=False).logits
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=-1)
-    return ids
-
-
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 def test_cached_generate_equals_recomputation_at_every_num_steps(solver):
     model = tiny_ode(num_pre_layers=1, num_post_layers=1, num_steps=8, ode_interval=8.0, solver=solver)
     for num_steps in (8, 4, 2, 1):
         generated = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, num_steps=num_steps)
-        assert torch.equal(generated, _greedy_without_cache(model, PROMPT, num_steps)), f"num_steps={num_steps}"
+        assert torch.equal(generated, greedy_without_cache(model, PROMPT, num_steps, NEW_TOKENS)), f"num_steps={num_steps}"
 
 
 def test_batched_cached_generate_with_padding_equals_recomputation():

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
-from ode_helpers import VOCAB, count_layer_calls, tiny_ode
+from ode_helpers import VOCAB, count_layer_calls, greedy_without_cache, ode_trainer, tiny_ode
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_effitrain import OdeSharedConfig
 from hf_effitrain.hub.modeling_ode_shared import OdeStepConditioning
@@ -222,29 +221,16 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_consistency(solver
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _greedy_without_cache(model, ids, num_steps, new_tokens):
-    for _ in range(new_tokens):
-        logits = model(ids, num_steps=num_steps, use_cache=False).logits
-        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=-1)
-    return ids
-
-
 @pytest.mark.parametrize("solver", ["euler", "heun", "midpoint"])
 def test_cached_generate_equals_recomputation(solver):
     model = _perturb_conditioning(tiny_ode(step_aware=True, num_pre_layers=1, num_shared_blocks=2, num_steps=4, solver=solver))
     for steps in (4, 2):
         generated = model.generate(IDS[:1, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False, num_steps=steps)
-        assert torch.equal(generated, _greedy_without_cache(model, IDS[:1, :5], steps, 6)), steps
+        assert torch.equal(generated, greedy_without_cache(model, IDS[:1, :5], steps, 6)), steps
 
 
 def _trainer(model, tmp_path, **args):
-    ids = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, **args,
-    )
-    return Trainer(model=model, args=arguments, train_dataset=data)
+    return ode_trainer(model, tmp_path, torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4)), **args)
 
 
 def test_stock_trainer_trains_the_conditioning_with_consistency(tmp_path):
@@ -269,7 +255,7 @@ def test_lora_on_a_step_aware_model_with_consistency(tmp_path):
     assert all(torch.equal(frozen[name], p) for name, p in model.named_parameters() if name in frozen)
     merged = model.merge_and_unload().eval()
     prompt = IDS[:1, :5]
-    assert torch.equal(merged.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_steps=2), _greedy_without_cache(merged, prompt, 2, 4))
+    assert torch.equal(merged.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, num_steps=2), greedy_without_cache(merged, prompt, 2, 4))
 
 
 def test_init_from_llama_keeps_a_step_aware_model_equal_to_the_llama():

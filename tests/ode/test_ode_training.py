@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
-from ode_helpers import VOCAB, count_layer_calls, tiny_ode
+from ode_helpers import VOCAB, count_layer_calls, ode_trainer, tiny_ode
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_effitrain.models.ode_init import ode_shared_from_llama
 from hf_effitrain.training.pretrain import parse_config_overrides
@@ -49,12 +48,7 @@ def test_schedule_fields_parse_from_config_overrides():
 
 
 def _trainer(model, tmp_path, **args):
-    data = Dataset.from_dict({"input_ids": IDS.tolist(), "labels": IDS.tolist()})
-    arguments = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, **args,
-    )
-    return Trainer(model=model, args=arguments, train_dataset=data)
+    return ode_trainer(model, tmp_path, IDS, **args)
 
 
 def test_trainer_trains_with_the_random_schedule(tmp_path):
