@@ -30,23 +30,24 @@ _LAZY_EXPORTS: dict[str, str] = {
     "generate": "hf_effitrain.hub.generation_effi",
     "EffiGenerationMixin": "hf_effitrain.hub.generation_effi",
     # patch-level training
-    "PatchTrainer": "hf_effitrain.training.patch_trainer",
-    "PatchTrainingArguments": "hf_effitrain.training.patch_config",
-    "patch_level_loss": "hf_effitrain.training.patch_loss",
+    "PatchTrainer": "hf_effitrain.methods.patch.trainer",
+    "PatchTrainingArguments": "hf_effitrain.methods.patch.config",
+    "patch_level_loss": "hf_effitrain.methods.patch.loss",
     # MSN
-    "NoisySFTConfig": "hf_effitrain.training.noisy_sft_config",
-    "NoisySFTTrainer": "hf_effitrain.training.noisy_sft_trainer",
+    "NoisySFTConfig": "hf_effitrain.methods.msn.config",
+    "NoisySFTTrainer": "hf_effitrain.methods.msn.trainer",
+    "MSNNoiseCollator": "hf_effitrain.methods.msn.collator",
     # ODE-shared
     "OdeSharedConfig": "hf_effitrain.hub.configuration_ode_shared",
     "OdeSharedForCausalLM": "hf_effitrain.hub.modeling_ode_shared",
     # cascades
     "CascadeConfig": "hf_effitrain.hub.configuration_cascade",
     "CascadeForCausalLM": "hf_effitrain.hub.modeling_cascade",
-    "CascadeAwareTrainer": "hf_effitrain.training.cascade_trainer",
-    "CascadeAwareTrainingArguments": "hf_effitrain.training.cascade_config",
+    "CascadeAwareTrainer": "hf_effitrain.methods.cascade.trainer",
+    "CascadeAwareTrainingArguments": "hf_effitrain.methods.cascade.config",
     # kernels
     "fused_linear_cross_entropy": "hf_effitrain.ops.linear_cross_entropy",
-    "kernelize_model": "hf_effitrain.kernel_mapping",
+    "kernelize_model": "hf_effitrain.integrations.kernel_mapping",
 }
 
 __all__ = sorted(_LAZY_EXPORTS) + ["register_auto_classes", "__version__"]

@@ -108,6 +108,7 @@ def _stock_base_class(model_class: type) -> type | None:
     A stock class is its own base. A class that `export_pretrained` generated earlier (`Effi<Class>`, loaded back
     with `trust_remote_code=True`) gives its stock base, so a re-export is not wrapped twice.
     """
+
     def is_stock(cls: type) -> bool:
         return cls.__name__ in _STOCK_CAUSAL_LM_NAMES and getattr(transformers, cls.__name__, None) is cls
 
@@ -123,7 +124,9 @@ def _stock_base_class(model_class: type) -> type | None:
 def _check_model(model: Any) -> type | None:
     if not isinstance(model, PreTrainedModel):
         hint = " For a peft model, call `model.merge_and_unload()` first." if hasattr(model, "merge_and_unload") else ""
-        raise TypeError(f"export_pretrained expects a transformers `PreTrainedModel`, got {type(model).__name__}.{hint}")
+        raise TypeError(
+            f"export_pretrained expects a transformers `PreTrainedModel`, got {type(model).__name__}.{hint}"
+        )
     if model.get_output_embeddings() is None:
         raise ValueError(
             f"{type(model).__name__} has no language-modeling head (`get_output_embeddings()` is None); export a causal "
@@ -149,13 +152,17 @@ def _check_card(model_card: dict | None) -> dict[str, Any]:
     if model_card is None:
         return {}
     if not isinstance(model_card, dict):
-        raise TypeError(f"`model_card` must be a dict with keys among {list(MODEL_CARD_KEYS)}, got {type(model_card).__name__}.")
+        raise TypeError(
+            f"`model_card` must be a dict with keys among {list(MODEL_CARD_KEYS)}, got {type(model_card).__name__}."
+        )
     unknown = sorted(set(model_card) - set(MODEL_CARD_KEYS))
     if unknown:
         raise ValueError(f"Unknown `model_card` keys {unknown}; allowed keys are {list(MODEL_CARD_KEYS)}.")
     for key, value in model_card.items():
         if value is not None and not isinstance(value, MODEL_CARD_KEYS[key]):
-            raise TypeError(f"`model_card[{key!r}]` must be a {MODEL_CARD_KEYS[key].__name__}, got {type(value).__name__}.")
+            raise TypeError(
+                f"`model_card[{key!r}]` must be a {MODEL_CARD_KEYS[key].__name__}, got {type(value).__name__}."
+            )
     return {key: value for key, value in model_card.items() if value is not None}
 
 
@@ -181,7 +188,11 @@ def _prepare_dir(save_dir: str | Path, overwrite: bool) -> Path:
     path = Path(save_dir)
     if check_export_dir(path, overwrite):
         removed = _remove_checkpoint_files(path)
-        logger.info("Writing over the existing export directory %s (overwrite=True): removed %d files of an earlier checkpoint.", path, removed)
+        logger.info(
+            "Writing over the existing export directory %s (overwrite=True): removed %d files of an earlier checkpoint.",
+            path,
+            removed,
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -262,7 +273,7 @@ def _write_generation_config(save_dir: Path, model: PreTrainedModel) -> None:
     `strategy` / draft-length entries would silently vanish on reload. Strategy parameters the model does not set
     are written with their defaults (`add_strategy_defaults`), so the file shows what `strategy=` will use.
     """
-    from .hub.generation_jacobi import add_strategy_defaults
+    from hf_effitrain.hub.generation_jacobi import add_strategy_defaults
 
     if model.generation_config is None:
         return
@@ -302,13 +313,21 @@ def _save_tokenizer(save_dir: Path, tokenizer: Any) -> str:
     logger.warning(
         "AutoTokenizer.from_pretrained(%s) loads a %s that %s the exported %s (transformers chooses the tokenizer "
         "class from model_type here); the model card tells users to load it with PreTrainedTokenizerFast instead.",
-        save_dir, type(reloaded).__name__, problem, type(tokenizer).__name__,
+        save_dir,
+        type(reloaded).__name__,
+        problem,
+        type(tokenizer).__name__,
     )
     return "PreTrainedTokenizerFast"
 
 
 def _write_model_card(
-    save_dir: Path, model: PreTrainedModel, base: type | None, class_ref: str, card: dict[str, Any], tokenizer_loader: str | None
+    save_dir: Path,
+    model: PreTrainedModel,
+    base: type | None,
+    class_ref: str,
+    card: dict[str, Any],
+    tokenizer_loader: str | None,
 ) -> None:
     method = card.get("method")
     tags = ["hf_effitrain", "custom_code", model.config.model_type]
@@ -346,9 +365,9 @@ def _method_tag(method: str) -> str:
 
 def _strategy_names(model: PreTrainedModel) -> list[str]:
     """The strategies that apply to `model`: `cascade` for a cascade, the Jacobi ones for every other causal LM."""
-    from .hub.generation_effi import STRATEGIES
+    from hf_effitrain.hub.generation_effi import STRATEGIES
 
-    is_cascade = model.config.model_type == "cascade"
+    is_cascade = model.config.model_type == "effi_cascade"
     return sorted(name for name in STRATEGIES if (name in ("cascade", "speculative_cascade")) == is_cascade)
 
 
@@ -374,7 +393,9 @@ def _state_mismatches(expected: torch.nn.Module, reloaded: torch.nn.Module) -> l
         a, b = want[name].detach(), got[name].detach().to(want[name].device)
         if a.shape != b.shape:
             problems.append(f"{name}: shape {tuple(a.shape)} reloaded as {tuple(b.shape)}")
-        elif not torch.equal(a, b) and not (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())):
+        elif not torch.equal(a, b) and not (
+            a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        ):
             diff = (a.float() - b.float()).abs().nan_to_num(float("inf")).max().item()
             problems.append(f"{name}: differs after reload (max abs difference {diff:.3g})")
     return problems
@@ -387,7 +408,11 @@ def _probe_logits(model: torch.nn.Module) -> torch.Tensor | None:
         ids = torch.tensor([[i % vocab for i in _RELOAD_PROBE_IDS]], device=model.device)
         return model(input_ids=ids).logits.float().cpu()
     except Exception as error:  # e.g. a model whose forward needs more than input_ids: the state check still holds
-        logger.info("Reload check: %s does not run on input_ids alone (%s); comparing weights and buffers only.", type(model).__name__, error)
+        logger.info(
+            "Reload check: %s does not run on input_ids alone (%s); comparing weights and buffers only.",
+            type(model).__name__,
+            error,
+        )
         return None
 
 
@@ -412,7 +437,9 @@ def _check_reload(model: PreTrainedModel, path: Path) -> None:
         model.train(training)
     got = _probe_logits(reloaded.eval()) if expected is not None else None
     if got is not None and not torch.allclose(expected, got, rtol=1e-4, atol=1e-5, equal_nan=True):
-        problems.append(f"logits on a probe differ after reload (max abs difference {(expected - got).abs().max().item():.3g})")
+        problems.append(
+            f"logits on a probe differ after reload (max abs difference {(expected - got).abs().max().item():.3g})"
+        )
     if problems:
         listed = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
         raise ExportReloadError(

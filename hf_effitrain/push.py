@@ -34,7 +34,9 @@ def checkpoint_files(checkpoint_dir: str | Path) -> list[Path]:
     """
     root = require_safetensors(checkpoint_dir)
     if not (root / "config.json").is_file():
-        raise ValueError(f"Checkpoint directory {str(root)!r} has no config.json; export it with `hf_effitrain.export_pretrained`.")
+        raise ValueError(
+            f"Checkpoint directory {str(root)!r} has no config.json; export it with `hf_effitrain.export_pretrained`."
+        )
     files, skipped = [], []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
@@ -91,7 +93,9 @@ def push_checkpoint(
         logger.warning("%s has no README.md model card; the repo will have none.", root)
     if dry_run:
         total = sum((root / f).stat().st_size for f in files)
-        print(f"Dry run: would upload {len(files)} files ({total:,} bytes) from {root} to https://huggingface.co/{repo_id}")
+        print(
+            f"Dry run: would upload {len(files)} files ({total:,} bytes) from {root} to https://huggingface.co/{repo_id}"
+        )
         for relative in files:
             print(f"  {relative.as_posix()}  ({(root / relative).stat().st_size:,} bytes)")
         print("\n--- README.md ---\n" + (card if card is not None else "(no model card)"))
@@ -99,7 +103,9 @@ def push_checkpoint(
     operations = [
         CommitOperationAdd(
             path_in_repo=relative.as_posix(),
-            path_or_fileobj=card.encode("utf-8") if relative.as_posix() == "README.md" and card is not None else str(root / relative),
+            path_or_fileobj=card.encode("utf-8")
+            if relative.as_posix() == "README.md" and card is not None
+            else str(root / relative),
         )
         for relative in files
     ]

@@ -7,7 +7,7 @@ One run, side by side:
 3. evaluate each cascade (fine-tuned small -> large) on held-out blocks: quality (next-token accuracy) against
    deferral ratio and against relative FLOPs, token level and sequence level (Chow-Average), the areas under the
    curves, and the FLOPs saved at the large model's quality minus 1%;
-4. decoded curves (`hf_effitrain.cascade.decoding_curves`) for the standard and the CAT (`paper`) small model:
+4. decoded curves (`hf_effitrain.methods.cascade.decoding_curves`) for the standard and the CAT (`paper`) small model:
    quality of greedy continuations of held-out prompts (mean log-prob under the large model; also accuracy against
    the reference tokens) against the share of tokens from the small model, against FLOPs and against wall-clock
    (interleaved with the large model's greedy decoding), for sequence- and token-level cascades, speculative cascades
@@ -16,7 +16,7 @@ One run, side by side:
 5. write JSON (device, date, command, versions, git commit, every number) and PNGs.
 
 CPU smoke size (about 5 minutes on one shared core, plus the decoded curves, about 5 minutes per decoded preset on a
-loaded box; `--speculative_prompts 0` skips them; more threads oversubscribe a busy machine):
+loaded box; `--speculative-prompts 0` skips them; more threads oversubscribe a busy machine):
     OMP_NUM_THREADS=1 python scripts/bench_cascade.py --size cpu_small
 GPU size (small about 8.9M, large about 97M parameters, `all` corpus scope; decoded curves on 64 prompts):
     python scripts/bench_cascade.py --size gpu
@@ -32,43 +32,71 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import transformers
+from bench_common import add_common_arguments, option_names, output_stem, run_record, with_suffix
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from hf_effitrain.cascade import LOSS_PRESETS, deferral_curve, plot_deferral_curves, summarize_curves
-from hf_effitrain.cascade.decoding_curves import DEFAULT_ALPHAS, decoded_curves, plot_decoded_curves
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
+from hf_effitrain.methods.cascade import LOSS_PRESETS, deferral_curve, plot_deferral_curves, summarize_curves
+from hf_effitrain.methods.cascade.config import CascadeAwareTrainingArguments
+from hf_effitrain.methods.cascade.decoding_curves import DEFAULT_ALPHAS, decoded_curves, plot_decoded_curves
+from hf_effitrain.methods.cascade.trainer import CascadeAwareTrainer
 from hf_effitrain.models.presets import build_model
-from hf_effitrain.training.cascade_config import CascadeAwareTrainingArguments
-from hf_effitrain.training.cascade_trainer import CascadeAwareTrainer
 
 logger = logging.getLogger("bench_cascade")
 
 # name -> settings; model sizes are (hidden, layers, heads, intermediate)
 SIZES = {
     "cpu_small": dict(
-        scope="stdlib", max_files=400, vocab_size=1024, block_size=64, batch_size=16,
-        small=(32, 2, 4, 88), large=(128, 2, 4, 344),
-        small_pretrain_steps=700, large_pretrain_steps=700, finetune_steps=150, small_lr=5e-3, large_lr=3e-3,
-        eval_blocks=128, num_points=21, exact_match_examples=0,
-        speculative_prompts=16, prompt_len=32, new_tokens=32, draft_len=4, decoded_points=7,
+        scope="stdlib",
+        max_files=400,
+        vocab_size=1024,
+        block_size=64,
+        batch_size=16,
+        small=(32, 2, 4, 88),
+        large=(128, 2, 4, 344),
+        small_pretrain_steps=700,
+        large_pretrain_steps=700,
+        finetune_steps=150,
+        small_lr=5e-3,
+        large_lr=3e-3,
+        eval_blocks=128,
+        num_points=21,
+        exact_match_examples=0,
+        speculative_prompts=16,
+        prompt_len=32,
+        new_tokens=32,
+        draft_len=4,
+        decoded_points=7,
     ),
     "gpu": dict(
-        scope="all", max_files=None, vocab_size=8192, block_size=512, batch_size=32,
-        small=(256, 6, 4, 688), large=(768, 12, 12, 2048),
-        small_pretrain_steps=4000, large_pretrain_steps=4000, finetune_steps=2000, small_lr=2e-3, large_lr=6e-4,
-        eval_blocks=512, num_points=41, exact_match_examples=256,
-        speculative_prompts=64, prompt_len=128, new_tokens=128, draft_len=4, decoded_points=11,
+        scope="all",
+        max_files=None,
+        vocab_size=8192,
+        block_size=512,
+        batch_size=32,
+        small=(256, 6, 4, 688),
+        large=(768, 12, 12, 2048),
+        small_pretrain_steps=4000,
+        large_pretrain_steps=4000,
+        finetune_steps=2000,
+        small_lr=2e-3,
+        large_lr=6e-4,
+        eval_blocks=512,
+        num_points=41,
+        exact_match_examples=256,
+        speculative_prompts=64,
+        prompt_len=128,
+        new_tokens=128,
+        draft_len=4,
+        decoded_points=11,
     ),
 }
 
@@ -76,19 +104,39 @@ SIZES = {
 def _model(dims, tokenizer, architecture: str, seed: int):
     hidden, layers, heads, intermediate = dims
     return build_model(
-        "tiny", architecture, seed=seed, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        "tiny",
+        architecture,
+        seed=seed,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         intermediate_size=intermediate,
     )
 
 
 def _common_args(out: str, steps: int, cfg: dict, learning_rate: float, seed: int) -> dict:
     return dict(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=cfg["batch_size"], learning_rate=learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.1, logging_steps=max(1, steps // 10),
-        save_strategy="no", report_to=[], seed=seed, data_seed=seed, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=cfg["batch_size"],
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.1,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
 
@@ -106,11 +154,16 @@ def finetune(small_state, cfg, preset, large, train, collator, tokenizer, archit
     args = CascadeAwareTrainingArguments(
         **_common_args(workdir, cfg["finetune_steps"], cfg, cfg["small_lr"] / 3, seed + 1),
         cascade_preset=preset,
-        precompute_large_predictions=not LOSS_PRESETS[preset].needs_large_logits and LOSS_PRESETS[preset].needs_large_predictions,
+        precompute_large_predictions=not LOSS_PRESETS[preset].needs_large_logits
+        and LOSS_PRESETS[preset].needs_large_predictions,
     )
     trainer = CascadeAwareTrainer(
-        model=small, args=args, large_model=large if not LOSS_PRESETS[preset].is_standard else None,
-        train_dataset=train, data_collator=collator, processing_class=tokenizer,
+        model=small,
+        args=args,
+        large_model=large if not LOSS_PRESETS[preset].is_standard else None,
+        train_dataset=train,
+        data_collator=collator,
+        processing_class=tokenizer,
     )
     start = time.perf_counter()
     result = trainer.train()
@@ -127,26 +180,17 @@ def completion_pairs(cfg: dict, tokenizer):
     return short.select(range(min(cfg["exact_match_examples"], len(short))))
 
 
-def _git_state() -> dict:
-    """The checkout's commit and whether it had uncommitted changes (None outside a git checkout)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
 def decode_strategies(cascade, eval_rows: torch.Tensor, cfg: dict) -> dict:
     """Decoded curves of every strategy on the first `speculative_prompts` held-out blocks (prompt, then reference)."""
     rows = eval_rows[: cfg["speculative_prompts"]]
     prompt_len, new = cfg["prompt_len"], cfg["new_tokens"]
     start = time.perf_counter()
     result = decoded_curves(
-        cascade, rows[:, :prompt_len], rows[:, prompt_len : prompt_len + new], alphas=DEFAULT_ALPHAS, draft_len=cfg["draft_len"],
+        cascade,
+        rows[:, :prompt_len],
+        rows[:, prompt_len : prompt_len + new],
+        alphas=DEFAULT_ALPHAS,
+        draft_len=cfg["draft_len"],
         num_points=cfg["decoded_points"],
     )
     result["seconds"] = time.perf_counter() - start
@@ -159,39 +203,64 @@ def summarize_decoded(decoded: dict) -> dict:
     summary: dict = {}
     for preset, result in decoded.items():
         summary[preset] = {
-            "small_quality": result["small"]["quality"], "large_quality": result["large"]["quality"],
-            "speculative_decoding": {k: result["speculative_decoding"][k] for k in ("quality", "relative_flops", "relative_wall", "tokens_per_large_forward", "equal_to_large_greedy")},
+            "small_quality": result["small"]["quality"],
+            "large_quality": result["large"]["quality"],
+            "speculative_decoding": {
+                k: result["speculative_decoding"][k]
+                for k in (
+                    "quality",
+                    "relative_flops",
+                    "relative_wall",
+                    "tokens_per_large_forward",
+                    "equal_to_large_greedy",
+                )
+            },
             "methods": {
-                name: {"area": curve["area"], **result["at_large_minus_1pct"][name]} for name, curve in result["curves"].items()
+                name: {"area": curve["area"], **result["at_large_minus_1pct"][name]}
+                for name, curve in result["curves"].items()
             },
         }
     if "standard" in summary:
         for preset in summary:
             if preset != "standard":
                 summary[preset]["area_gain_vs_standard"] = {
-                    name: method["area"] - summary["standard"]["methods"][name]["area"] for name, method in summary[preset]["methods"].items()
+                    name: method["area"] - summary["standard"]["methods"][name]["area"]
+                    for name, method in summary[preset]["methods"].items()
                 }
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu_small")
+    add_common_arguments(parser, SIZES, "cpu_small", "scripts/results/cascade_cpu_small")
     parser.add_argument("--architecture", default="llama", choices=("llama", "qwen2", "mistral"))
-    parser.add_argument("--presets", default=",".join(LOSS_PRESETS), help="comma-separated loss presets; 'standard' is the baseline")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--finetune_steps", type=int, default=None, help="override the size's fine-tuning steps")
-    parser.add_argument("--pretrain_steps", type=int, default=None, help="override both models' pre-training steps")
     parser.add_argument(
-        "--exact_match_examples", type=int, default=None,
+        "--presets", default=",".join(LOSS_PRESETS), help="comma-separated loss presets; 'standard' is the baseline"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        *option_names("finetune_steps"), type=int, default=None, help="override the size's fine-tuning steps"
+    )
+    parser.add_argument(
+        *option_names("pretrain_steps"), type=int, default=None, help="override both models' pre-training steps"
+    )
+    parser.add_argument(
+        *option_names("exact_match_examples"),
+        type=int,
+        default=None,
         help="docstring -> body pairs (validation split, completions <= 64 tokens) for sequence-level exact-match curves; 0 skips",
     )
-    parser.add_argument("--speculative_prompts", type=int, default=None, help="prompts of the decoded curves (override; 0 skips them)")
     parser.add_argument(
-        "--speculative_presets", default="standard,paper",
+        *option_names("speculative_prompts"),
+        type=int,
+        default=None,
+        help="prompts of the decoded curves (override; 0 skips them)",
+    )
+    parser.add_argument(
+        *option_names("speculative_presets"),
+        default="standard,paper",
         help="small models (loss presets) whose cascades are decoded: speculative cascades vs the other strategies",
     )
-    parser.add_argument("--output", default="scripts/results/cascade_cpu_small", help="path prefix of the .json and .png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_warning()
@@ -208,9 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in presets if p not in LOSS_PRESETS]
     if unknown or "standard" not in presets:
         parser.error(f"--presets must include 'standard' and only names of {sorted(LOSS_PRESETS)}; got {presets}")
-    decoded_presets = [p for p in args.speculative_presets.split(",") if p in presets] if cfg["speculative_prompts"] else []
+    decoded_presets = (
+        [p for p in args.speculative_presets.split(",") if p in presets] if cfg["speculative_prompts"] else []
+    )
     wall = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    stem = output_stem(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
 
     corpus = load_corpus("python", scope=cfg["scope"], max_files=cfg["max_files"])
     tokenizer = train_tokenizer(corpus, vocab_size=cfg["vocab_size"])
@@ -228,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         large = _model(cfg["large"], tokenizer, args.architecture, args.seed + 100)
         for name, model in (("small", small), ("large", large)):
             steps = cfg[f"{name}_pretrain_steps"]
-            loss, seconds = pretrain(model, train, collator, steps, cfg, cfg[f"{name}_lr"], args.seed, os.path.join(tmp, name))
+            loss, seconds = pretrain(
+                model, train, collator, steps, cfg, cfg[f"{name}_lr"], args.seed, os.path.join(tmp, name)
+            )
             results["pretrain"][name] = {
-                "parameters": sum(p.numel() for p in model.parameters()), "steps": steps, "train_loss": loss, "seconds": seconds,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "steps": steps,
+                "train_loss": loss,
+                "seconds": seconds,
             }
             logger.info("pre-trained %s: loss %.3f in %.0fs", name, loss, seconds)
         large.eval()
@@ -243,22 +321,43 @@ def main(argv: list[str] | None = None) -> int:
         decoded: dict = {}
         for preset in presets:
             tuned, loss, seconds = finetune(
-                small_state, cfg, preset, large, finetune_data, collator, tokenizer, args.architecture, args.seed,
+                small_state,
+                cfg,
+                preset,
+                large,
+                finetune_data,
+                collator,
+                tokenizer,
+                args.architecture,
+                args.seed,
                 os.path.join(tmp, preset),
             )
             cascade = CascadeForCausalLM.from_models(tuned.to(device), large.to(device), rule="chow_average")
             if pairs is not None:
                 curves["exact_match"][preset] = deferral_curve(
-                    cascade, pairs, metric="exact_match", level="sequence", tokenizer=tokenizer,
-                    num_points=cfg["num_points"], batch_size=16,
+                    cascade,
+                    pairs,
+                    metric="exact_match",
+                    level="sequence",
+                    tokenizer=tokenizer,
+                    num_points=cfg["num_points"],
+                    batch_size=16,
                 )
             for level in ("token", "sequence"):
                 curves[level][preset] = deferral_curve(
-                    cascade, eval_rows, metric="token_accuracy", level=level, num_points=cfg["num_points"], batch_size=32,
+                    cascade,
+                    eval_rows,
+                    metric="token_accuracy",
+                    level=level,
+                    num_points=cfg["num_points"],
+                    batch_size=32,
                     cache=forward_cache,
                 )
             results["finetune"][preset] = {
-                "weights": asdict(LOSS_PRESETS[preset]), "steps": cfg["finetune_steps"], "train_loss": loss, "seconds": seconds,
+                "weights": asdict(LOSS_PRESETS[preset]),
+                "steps": cfg["finetune_steps"],
+                "train_loss": loss,
+                "seconds": seconds,
                 "small_token_accuracy": curves["token"][preset].small_quality,
                 "small_token_loss": deferral_curve(
                     cascade, eval_rows, metric="token_loss", level="token", num_points=2, cache=forward_cache
@@ -271,22 +370,28 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {level: summarize_curves(c, baseline="standard") for level, c in curves.items()}
     best = max((p for p in presets if p != "standard"), key=lambda p: summary["token"][p]["area"], default="standard")
-    png = Path(args.output + ".png")
-    plot_deferral_curves(curves["token"], png, title=f"CAT vs standard fine-tuning, token-level deferral ({args.size}, {device})")
-    seq_png = Path(args.output + "_sequence.png")
-    plot_deferral_curves(curves["sequence"], seq_png, title=f"CAT vs standard, sequence-level Chow-Average ({args.size}, {device})")
+    png = with_suffix(stem, ".png")
+    plot_deferral_curves(
+        curves["token"], png, title=f"CAT vs standard fine-tuning, token-level deferral ({args.size}, {device})"
+    )
+    seq_png = with_suffix(stem, "_sequence.png")
+    plot_deferral_curves(
+        curves["sequence"], seq_png, title=f"CAT vs standard, sequence-level Chow-Average ({args.size}, {device})"
+    )
     plots = [str(png), str(seq_png)]
     if pairs is not None:
-        em_png = Path(args.output + "_exact_match.png")
-        plot_deferral_curves(curves["exact_match"], em_png, title=f"CAT vs standard, docstring -> body exact match ({args.size}, {device})")
+        em_png = with_suffix(stem, "_exact_match.png")
+        plot_deferral_curves(
+            curves["exact_match"],
+            em_png,
+            title=f"CAT vs standard, docstring -> body exact match ({args.size}, {device})",
+        )
         plots.append(str(em_png))
+    record = run_record(device)
     report = {
         "benchmark": "cascade-aware training: deferral curves, CAT variants vs standard fine-tuning",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, shared)",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "git": _git_state(),
+        **record,
+        "git": {"commit": record["git_commit"], "dirty": record["git_dirty"]},  # the key of earlier results
         "size": args.size,
         "config": cfg,
         "metric": "next-token accuracy on held-out validation blocks (teacher forced)",
@@ -300,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         "exact_match_examples": 0 if pairs is None else len(pairs),
     }
     if decoded:
-        decoded_png = Path(args.output + "_decoded.png")
-        plot_decoded_curves(decoded, decoded_png, title=f"Decoded cascades vs speculative cascades ({args.size}, {device}, batch 1)")
+        decoded_png = with_suffix(stem, "_decoded.png")
+        plot_decoded_curves(
+            decoded, decoded_png, title=f"Decoded cascades vs speculative cascades ({args.size}, {device}, batch 1)"
+        )
         plots.append(str(decoded_png))
         report["decoded"] = decoded
         report["decoded_summary"] = summarize_decoded(decoded)
@@ -310,8 +417,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg['prompt_len']}-token held-out prompt (batch 1, EOS off); also continuation_accuracy (share equal to "
             "the held-out reference tokens) and agreement_with_large (share equal to the large model's greedy tokens)"
         )
-    Path(args.output + ".json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({"summary": summary, "best": best, "decoded": report.get("decoded_summary"), "wall_seconds": report["wall_seconds"]}, indent=2))
+    with_suffix(stem, ".json").write_text(json.dumps(report, indent=2))
+    print(
+        json.dumps(
+            {
+                "summary": summary,
+                "best": best,
+                "decoded": report.get("decoded_summary"),
+                "wall_seconds": report["wall_seconds"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

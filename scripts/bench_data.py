@@ -4,7 +4,7 @@ For each scope: files per split, characters, tokens under one byte-level BPE (vo
 the `all` train split, the time of a cold build (every file listed, read, hashed, split; no cache) and of a cached
 load, and the docstring -> body SFT rows that `build_code_sft_dataset` extracts. Token counts are cached by content
 hash so that `all` (the union of the other two) is not tokenized twice. Writes JSON (device, date, command,
-versions, every number) and a PNG under `scripts/results/`.
+versions, git commit, every number) and a PNG next to it (`--output`, default `scripts/results/data_corpus_cpu.json`).
 
     OMP_NUM_THREADS=2 python scripts/bench_data.py                   # ~30 min on 2 busy shared CPU cores
     python scripts/bench_data.py --scopes stdlib --max-files 200     # quick look
@@ -16,18 +16,14 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import datasets
-import tokenizers
-import transformers
+from bench_common import add_common_arguments, output_stem, run_record, with_suffix
 
 from hf_effitrain.data import SPLITS, build_code_sft_dataset, load_corpus, train_tokenizer
 from hf_effitrain.data.encoding import encode_texts
@@ -90,11 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--tokenizer-chars", type=int, default=20_000_000, help="BPE training sample (characters)")
     parser.add_argument(
-        "--sft-scopes", nargs="*", default=["stdlib", "site"],
+        "--sft-scopes",
+        nargs="*",
+        default=["stdlib", "site"],
         help="scopes whose docstring -> body SFT rows are counted (parsing every file is the slowest step; `all` is "
         "about the sum of the other two)",
     )
-    parser.add_argument("--output", default=str(RESULTS / "data_corpus_cpu.json"))
+    add_common_arguments(
+        parser,
+        default_output=str(RESULTS / "data_corpus_cpu.json"),
+        output_help="JSON path (a PNG is written next to it)",
+    )
     args = parser.parse_args(argv)
     cache = Path(tempfile.mkdtemp(prefix="bench_data_"))  # a fresh cache: the cached-load timing is honest
     try:
@@ -107,15 +109,7 @@ def _run(args: argparse.Namespace, cache: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
     results = {
-        "device": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), shared with other jobs",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "versions": {
-            "python": platform.python_version(),
-            "datasets": datasets.__version__,
-            "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__,
-        },
+        **run_record("cpu"),  # corpus building and tokenization run on the CPU only
         "args": vars(args),
         "scopes": {},
     }
@@ -136,8 +130,9 @@ def _run(args: argparse.Namespace, cache: Path) -> int:
         }
         logging.info("%s: %s", scope, results["scopes"][scope])
     tokenizer, train_s = _timed(
-        lambda: train_tokenizer(corpora[tokenizer_scope], args.vocab_size, max_train_chars=args.tokenizer_chars,
-                                cache_dir=cache)
+        lambda: train_tokenizer(
+            corpora[tokenizer_scope], args.vocab_size, max_train_chars=args.tokenizer_chars, cache_dir=cache
+        )
     )
     results["tokenizer"] = {
         "trained_on": f"{tokenizer_scope} train split, {args.tokenizer_chars} characters sampled",
@@ -156,10 +151,10 @@ def _run(args: argparse.Namespace, cache: Path) -> int:
             entry["sft_rows"] = {split: len(sft[split]) for split in SPLITS}
             entry["sft_seconds"] = round(sft_s, 1)
         logging.info("%s: %s", scope, entry)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    _plot(results, output.with_suffix(".png"))
+    stem = output_stem(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with_suffix(stem, ".json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot(results, with_suffix(stem, ".png"))
     print(json.dumps(results, indent=2))
     return 0
 

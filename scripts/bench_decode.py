@@ -14,13 +14,13 @@ One run, side by side:
    whether the output equals greedy's token for token, and the step overhead ratio: seconds per decoding step
    (prefill subtracted) over one plain forward of the step's width with the same kind of mask.
    By default every method generates exactly `max_new_tokens` (EOS off, so that all methods decode the same length);
-   `--stop_at_eos` stops at EOS.
+   `--stop-at-eos` stops at EOS.
 Writes JSON (device, date, command, versions, every number) and a PNG.
 
-Training stages are cached in `--work_dir`; `--stage train` stops before timing (timings need a quiet machine):
+Training stages are cached in `--work-dir`; `--stage train` stops before timing (timings need a quiet machine):
 
-    OMP_NUM_THREADS=1 python scripts/bench_decode.py --size cpu_mini --stage train --work_dir /tmp/decode
-    OMP_NUM_THREADS=2 python scripts/bench_decode.py --size cpu_mini --work_dir /tmp/decode --humaneval ../shared/data/HumanEval.jsonl.gz
+    OMP_NUM_THREADS=1 python scripts/bench_decode.py --size cpu_mini --stage train --work-dir /tmp/decode
+    OMP_NUM_THREADS=2 python scripts/bench_decode.py --size cpu_mini --work-dir /tmp/decode --humaneval ../shared/data/HumanEval.jsonl.gz
     python scripts/bench_decode.py --size gpu --bf16 --humaneval ../shared/data/HumanEval.jsonl.gz
 """
 
@@ -31,51 +31,89 @@ import gzip
 import json
 import logging
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
-import trl
+from bench_common import add_common_arguments, git_state, option_names, output_stem, run_record, with_suffix
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.data.datastore import build_datastore, load_datastore, save_datastore
 from hf_effitrain.hub.generation_effi import generate as effi_generate
 from hf_effitrain.hub.transformers_compat import model_cache_kwarg
-from hf_effitrain.models.presets import build_model
-from hf_effitrain.training.noisy_sft_config import NoisySFTConfig
-from hf_effitrain.training.noisy_sft_trainer import NoisySFTTrainer
-from hf_effitrain.training.pretrain import parse_config_overrides
+from hf_effitrain.methods.msn.config import NoisySFTConfig
+from hf_effitrain.methods.msn.trainer import NoisySFTTrainer
+from hf_effitrain.models.presets import build_model, parse_config_overrides
 
 logger = logging.getLogger("bench_decode")
 
 SIZES = {
     "cpu_small": dict(
-        preset="tiny", config_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
-        scope="stdlib", max_files=None, vocab_size=1024, block_size=128, pretrain_steps=600, pretrain_batch=16,
-        pretrain_lr=3e-3, sft_steps=200, sft_batch=8, sft_lr=1e-3, sft_max_length=192, humaneval_prompts=16,
-        corpus_prompts=16, max_new_tokens=64, repeats=3, datastore_tokens=2_000_000,
+        preset="tiny",
+        config_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
+        scope="stdlib",
+        max_files=None,
+        vocab_size=1024,
+        block_size=128,
+        pretrain_steps=600,
+        pretrain_batch=16,
+        pretrain_lr=3e-3,
+        sft_steps=200,
+        sft_batch=8,
+        sft_lr=1e-3,
+        sft_max_length=192,
+        humaneval_prompts=16,
+        corpus_prompts=16,
+        max_new_tokens=64,
+        repeats=3,
+        datastore_tokens=2_000_000,
     ),
     # the CPU benchmark size: the `mini` preset (5.3M params at vocab 4096) pre-trained ~15-20 min on 2 cores
     "cpu_mini": dict(
-        preset="mini", config_overrides="", scope="site", max_files=3000, vocab_size=4096, block_size=256,
-        pretrain_steps=800, pretrain_batch=16, pretrain_lr=2e-3, sft_steps=400, sft_batch=8, sft_lr=5e-4,
-        sft_max_length=256, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=64, repeats=1,
+        preset="mini",
+        config_overrides="",
+        scope="site",
+        max_files=3000,
+        vocab_size=4096,
+        block_size=256,
+        pretrain_steps=800,
+        pretrain_batch=16,
+        pretrain_lr=2e-3,
+        sft_steps=400,
+        sft_batch=8,
+        sft_lr=5e-4,
+        sft_max_length=256,
+        humaneval_prompts=164,
+        corpus_prompts=100,
+        max_new_tokens=64,
+        repeats=1,
         datastore_tokens=8_000_000,
     ),
     "gpu": dict(
         # small preset with 8 layers: 33.7M parameters at vocab 8192 (the issue asks for >= 30M)
-        preset="small", config_overrides="num_hidden_layers=8", scope="all", max_files=None, vocab_size=8192, block_size=512,
-        pretrain_steps=6000, pretrain_batch=32, pretrain_lr=1e-3, sft_steps=1500, sft_batch=16, sft_lr=3e-4,
-        sft_max_length=768, humaneval_prompts=164, corpus_prompts=100, max_new_tokens=128, repeats=2,
+        preset="small",
+        config_overrides="num_hidden_layers=8",
+        scope="all",
+        max_files=None,
+        vocab_size=8192,
+        block_size=512,
+        pretrain_steps=6000,
+        pretrain_batch=32,
+        pretrain_lr=1e-3,
+        sft_steps=1500,
+        sft_batch=16,
+        sft_lr=3e-4,
+        sft_max_length=768,
+        humaneval_prompts=164,
+        corpus_prompts=100,
+        max_new_tokens=128,
+        repeats=2,
         datastore_tokens=50_000_000,
     ),
 }
@@ -85,45 +123,88 @@ METHODS = ("greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi_msn"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu_small")
+    add_common_arguments(
+        parser,
+        SIZES,
+        "cpu_small",
+        output_aliases=("--out",),
+        output_help="path prefix of the JSON and PNG (default scripts/results/decode_<size>)",
+    )
     parser.add_argument("--humaneval", default=None, help="Path of HumanEval.jsonl.gz (164 prompts); omit to skip.")
     parser.add_argument("--architecture", default="llama")
-    parser.add_argument("--noise_length", type=int, default=5)
+    parser.add_argument(*option_names("noise_length"), type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="Train and decode in bfloat16 (GPU).")
-    parser.add_argument("--stop_at_eos", action="store_true",
-                        help="Stop at EOS (default: every method generates exactly max_new_tokens, eos_token_id=None).")
-    parser.add_argument("--out", default=None, help="Output path without extension (default scripts/results/decode_<size>).")
-    parser.add_argument("--work_dir", default=None, help="Folder for checkpoints (default: a temp folder); finished "
-                        "training stages found there are reused, so the timing stage can be rerun alone.")
-    parser.add_argument("--pretrain_minutes", type=float, default=None,
-                        help="Stop pre-training after this many minutes (constant learning rate after warm-up; "
-                        "the steps actually taken are recorded). Default: exactly --pretrain_steps, cosine schedule.")
-    parser.add_argument("--time_budget_minutes", type=float, default=None,
-                        help="Stop timing a model's prompts after this many minutes (the report says how many were measured).")
-    parser.add_argument("--models", default="sft,msn",
-                        help="Which fine-tuned models to time (comma-separated from sft,msn): e.g. one per process.")
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="Merge the JSON reports of single-model runs (same config) into --out (JSON + PNG) and exit.")
-    parser.add_argument("--stage", choices=("all", "train"), default="all",
-                        help="`train`: pre-train and fine-tune into --work_dir, then stop (timing needs a quiet machine).")
+    parser.add_argument(
+        *option_names("stop_at_eos"),
+        action="store_true",
+        help="Stop at EOS (default: every method generates exactly max_new_tokens, eos_token_id=None).",
+    )
+    parser.add_argument(
+        *option_names("work_dir"),
+        default=None,
+        help="Folder for checkpoints (default: a temp folder); finished "
+        "training stages found there are reused, so the timing stage can be rerun alone.",
+    )
+    parser.add_argument(
+        *option_names("pretrain_minutes"),
+        type=float,
+        default=None,
+        help="Stop pre-training after this many minutes (constant learning rate after warm-up; "
+        "the steps actually taken are recorded). Default: exactly --pretrain-steps, cosine schedule.",
+    )
+    parser.add_argument(
+        *option_names("time_budget_minutes"),
+        type=float,
+        default=None,
+        help="Stop timing a model's prompts after this many minutes (the report says how many were measured).",
+    )
+    parser.add_argument(
+        "--models",
+        default="sft,msn",
+        help="Which fine-tuned models to time (comma-separated from sft,msn): e.g. one per process.",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="Merge the JSON reports of single-model runs (same config) into --output (JSON + PNG) and exit.",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("all", "train"),
+        default="all",
+        help="`train`: pre-train and fine-tune into --work-dir, then stop (timing needs a quiet machine).",
+    )
     for key, value in SIZES["cpu_small"].items():
-        parser.add_argument(f"--{key}", type=type(value) if value is not None else int, default=None,
-                            help=f"override the size preset's value (cpu_small: {value})")
+        parser.add_argument(
+            *option_names(key),
+            type=type(value) if value is not None else int,
+            default=None,
+            help=f"override the size preset's value (cpu_small: {value})",
+        )
     args = parser.parse_args(argv)
     for key, value in SIZES[args.size].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.max_files = args.max_files or None  # 0 = every file
-    args.out = args.out or f"scripts/results/decode_{args.size}"
+    args.output = args.output or f"scripts/results/decode_{args.size}"
     if args.noise_length < 1:
-        parser.error(f"--noise_length must be >= 1 (the MSN run), got {args.noise_length}")
+        parser.error(f"--noise-length must be >= 1 (the MSN run), got {args.noise_length}")
     return args
 
 
 def _train_args(out: Path, args, **kw) -> dict:
     return dict(
-        output_dir=str(out), report_to="none", save_strategy="no", logging_steps=25, bf16=args.bf16,
-        dataloader_num_workers=0, seed=0, warmup_steps=max(1, kw.get("max_steps", 100) // 20), lr_scheduler_type="cosine", **kw,
+        output_dir=str(out),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=25,
+        bf16=args.bf16,
+        dataloader_num_workers=0,
+        seed=0,
+        warmup_steps=max(1, kw.get("max_steps", 100) // 20),
+        lr_scheduler_type="cosine",
+        **kw,
     )
 
 
@@ -152,7 +233,7 @@ def _save_state(work: Path, state: dict) -> None:
 
 
 def pretrain(args, corpus, tokenizer, work: Path) -> Path:
-    """A token-level code model pre-trained with the stock `Trainer` on packed corpus blocks (reused from `--work_dir`)."""
+    """A token-level code model pre-trained with the stock `Trainer` on packed corpus blocks (reused from `--work-dir`)."""
     out = work / "pretrain"
     state = _load_state(work)
     if (out / "model.safetensors").exists() and "pretrain_seconds" in state:
@@ -160,26 +241,46 @@ def pretrain(args, corpus, tokenizer, work: Path) -> Path:
         return out
     blocks = pack_dataset(corpus["train"], tokenizer, args.block_size)
     model = build_model(
-        args.preset, args.architecture, vocab_size=len(tokenizer), max_position_embeddings=max(1024, args.sft_max_length + args.max_new_tokens),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        seed=0, **parse_config_overrides(args.config_overrides),
+        args.preset,
+        args.architecture,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(1024, args.sft_max_length + args.max_new_tokens),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=0,
+        **parse_config_overrides(args.config_overrides),
     )
-    targs = _train_args(out, args, max_steps=args.pretrain_steps, per_device_train_batch_size=args.pretrain_batch,
-                        learning_rate=args.pretrain_lr)
+    targs = _train_args(
+        out,
+        args,
+        max_steps=args.pretrain_steps,
+        per_device_train_batch_size=args.pretrain_batch,
+        learning_rate=args.pretrain_lr,
+    )
     callbacks = []
     if args.pretrain_minutes:
         targs.update(lr_scheduler_type="constant_with_warmup", warmup_steps=20)
         callbacks.append(TimeBudget(args.pretrain_minutes * 60))
-    trainer = Trainer(model=model, args=TrainingArguments(**targs), train_dataset=blocks,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**targs),
+        train_dataset=blocks,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     steps = trainer.state.global_step
     logger.info("pre-trained %d params for %d steps in %.0fs", model.num_parameters(), steps, seconds)
     trainer.save_model()
-    state.update(pretrain_seconds=seconds, pretrain_steps=steps, pretrain_tokens=steps * args.pretrain_batch * args.block_size,
-                 pretrain_loss=[r["loss"] for r in trainer.state.log_history if "loss" in r][-1:])
+    state.update(
+        pretrain_seconds=seconds,
+        pretrain_steps=steps,
+        pretrain_tokens=steps * args.pretrain_batch * args.block_size,
+        pretrain_loss=[r["loss"] for r in trainer.state.log_history if "loss" in r][-1:],
+    )
     _save_state(work, state)
     return out
 
@@ -197,15 +298,28 @@ def fine_tune(args, pretrained: Path, tokenizer, sft, noise_length: int, work: P
         logger.info("reusing the fine-tuned checkpoint in %s", out)
         return transformers.AutoModelForCausalLM.from_pretrained(out).eval(), state[key]
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained)
-    config = NoisySFTConfig(**_train_args(
-        out, args, max_steps=args.sft_steps, per_device_train_batch_size=args.sft_batch,
-        per_device_eval_batch_size=args.sft_batch, learning_rate=args.sft_lr, max_length=args.sft_max_length,
-        gradient_checkpointing=False, noise_length=noise_length, use_cpu=not torch.cuda.is_available(),
-    ))
+    config = NoisySFTConfig(
+        **_train_args(
+            out,
+            args,
+            max_steps=args.sft_steps,
+            per_device_train_batch_size=args.sft_batch,
+            per_device_eval_batch_size=args.sft_batch,
+            learning_rate=args.sft_lr,
+            max_length=args.sft_max_length,
+            gradient_checkpointing=False,
+            noise_length=noise_length,
+            use_cpu=not torch.cuda.is_available(),
+        )
+    )
     held_out = datasets.concatenate_datasets([sft["validation"], sft["test"]])  # functions of files never trained on
     if len(held_out) == 0:
-        raise ValueError("The code SFT set has no held-out functions at this corpus size; raise --max_files (0 = all files).")
-    trainer = NoisySFTTrainer(model=model, args=config, train_dataset=sft["train"], eval_dataset=held_out, processing_class=tokenizer)
+        raise ValueError(
+            "The code SFT set has no held-out functions at this corpus size; raise --max-files (0 = all files)."
+        )
+    trainer = NoisySFTTrainer(
+        model=model, args=config, train_dataset=sft["train"], eval_dataset=held_out, processing_class=tokenizer
+    )
     start = time.perf_counter()
     trainer.train()
     loss = trainer.evaluate()["eval_loss"]
@@ -226,10 +340,14 @@ def load_prompts(args, sft) -> list[dict]:
         # without the trailing newline, like the code SFT prompts: the BPE merges a newline with the indentation after
         # it, so a prompt ending in a bare newline ends in a token the model never saw there
         prompts += [
-            {"source": "humaneval", "id": r["task_id"], "text": r["prompt"].rstrip("\n")} for r in rows[: args.humaneval_prompts]
+            {"source": "humaneval", "id": r["task_id"], "text": r["prompt"].rstrip("\n")}
+            for r in rows[: args.humaneval_prompts]
         ]
     test = sft["test"]
-    prompts += [{"source": "corpus", "id": f"{r['path']}::{r['name']}", "text": r["prompt"]} for r in test.select(range(min(args.corpus_prompts, len(test))))]
+    prompts += [
+        {"source": "corpus", "id": f"{r['path']}::{r['name']}", "text": r["prompt"]}
+        for r in test.select(range(min(args.corpus_prompts, len(test))))
+    ]
     return prompts
 
 
@@ -303,7 +421,9 @@ class ReferenceForward:
         if key[1]:
             dtype = model.dtype
             mask = torch.zeros(width, length + width, dtype=dtype, device=ids.device)
-            mask[:, length:] = torch.full((width, width), torch.finfo(dtype).min, dtype=dtype, device=ids.device).triu(1)
+            mask[:, length:] = torch.full((width, width), torch.finfo(dtype).min, dtype=dtype, device=ids.device).triu(
+                1
+            )
             mask = mask[None, None]
         best = float("inf")
         for _ in range(self.repeats):
@@ -351,7 +471,9 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
                 _sync()
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    out = decode(model, ids, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore)
+                    out = decode(
+                        model, ids, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore
+                    )
                 _sync()
                 timings.append(time.perf_counter() - start)
             seconds = min(timings)
@@ -362,9 +484,15 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
             sizes = getattr(out, "tree_sizes", None)
             width = statistics.fmean(sizes) if sizes else (1.0 if method in ("greedy", "static_greedy") else None)
             row = {
-                "prompt": prompts[i]["id"], "source": prompts[i]["source"], "prompt_tokens": int(ids.shape[1]),
-                "new_tokens": int(new.numel()), "forwards": counter.count, "seconds": seconds, "prefill_seconds": prefill,
-                "agrees_with_greedy": bool(torch.equal(new, expected)), "mean_tree_size": width,
+                "prompt": prompts[i]["id"],
+                "source": prompts[i]["source"],
+                "prompt_tokens": int(ids.shape[1]),
+                "new_tokens": int(new.numel()),
+                "forwards": counter.count,
+                "seconds": seconds,
+                "prefill_seconds": prefill,
+                "agrees_with_greedy": bool(torch.equal(new, expected)),
+                "mean_tree_size": width,
             }
             if width is not None:  # seconds per decoding step over one plain forward of that width, same mask
                 plain = reference(max(1, round(width)), tree_mask=method.startswith("tr_jacobi"))
@@ -392,13 +520,20 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
         for source in sorted({r["source"] for r in mine}):
             part = [r for r in mine if r["source"] == source]
             base = [r for r in rows["greedy"] if r["source"] == source]
-            result[f"speedup_vs_greedy_{source}"] = (sum(r["new_tokens"] for r in part) / sum(r["seconds"] for r in part)) / (
-                sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base))
+            result[f"speedup_vs_greedy_{source}"] = (
+                sum(r["new_tokens"] for r in part) / sum(r["seconds"] for r in part)
+            ) / (sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base))
         result["per_prompt"] = mine
         results[method] = result
-        logger.info("%-20s %.1f tok/s (%.2fx greedy), %.2f tokens/forward, step overhead %s, agreement %.2f", method,
-                    result["tokens_per_second"], result["speedup_vs_greedy"], result["tokens_per_forward"],
-                    f"{result['step_overhead_ratio']:.2f}x" if "step_overhead_ratio" in result else "-", result["agreement"])
+        logger.info(
+            "%-20s %.1f tok/s (%.2fx greedy), %.2f tokens/forward, step overhead %s, agreement %.2f",
+            method,
+            result["tokens_per_second"],
+            result["speedup_vs_greedy"],
+            result["tokens_per_forward"],
+            f"{result['step_overhead_ratio']:.2f}x" if "step_overhead_ratio" in result else "-",
+            result["agreement"],
+        )
     return results
 
 
@@ -425,12 +560,24 @@ def plot(report: dict, path: Path) -> None:
         xs = [i + m * width for i in range(len(methods))]
         axes[0].bar(xs, [res[k]["speedup_vs_greedy"] for k in methods], width, label=name)
         tpf = [res[k]["tokens_per_forward_95"] for k in methods]
-        axes[1].bar(xs, [t[0] for t in tpf], width, yerr=[[t[0] - t[1] for t in tpf], [t[2] - t[0] for t in tpf]], capsize=2, label=name)
+        axes[1].bar(
+            xs,
+            [t[0] for t in tpf],
+            width,
+            yerr=[[t[0] - t[1] for t in tpf], [t[2] - t[0] for t in tpf]],
+            capsize=2,
+            label=name,
+        )
         axes[2].bar(xs, [res[k].get("step_overhead_ratio", 0.0) for k in methods], width, label=name)
-    titles = ("wall-clock speedup over greedy generate", "new tokens per forward (95% interval)",
-              "step time / one plain forward of that width")
+    titles = (
+        "wall-clock speedup over greedy generate",
+        "new tokens per forward (95% interval)",
+        "step time / one plain forward of that width",
+    )
     for ax, title in zip(axes, titles):
-        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(methods))], methods, rotation=25, fontsize=8)
+        ax.set_xticks(
+            [i + width * (len(models) - 1) / 2 for i in range(len(methods))], methods, rotation=25, fontsize=8
+        )
         ax.set_title(title, fontsize=10)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.legend(fontsize=8)
@@ -443,7 +590,7 @@ def plot(report: dict, path: Path) -> None:
 
 def prepare_datastore(args, corpus, tokenizer, work: Path):
     """The retrieval datastore of the pre-training corpus's TRAIN split (held-out prompts cannot retrieve themselves),
-    saved under `--work_dir` and reloaded from disk as a user would."""
+    saved under `--work-dir` and reloaded from disk as a user would."""
     if not args.datastore_tokens:
         return None
     path = work / "datastore"
@@ -454,23 +601,13 @@ def prepare_datastore(args, corpus, tokenizer, work: Path):
     return load_datastore(path, tokenizer=tokenizer)
 
 
-def git_commit() -> str | None:
-    """The checkout's commit (read-only `git rev-parse`), plus "+dirty" when files differ from it."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def merge(paths: list[str], out: Path) -> dict:
     """One report from single-model reports of the same configuration (e.g. `--models sft` and `--models msn` run
     side by side, one process each)."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     report = reports[0]
-    report.setdefault("git_commit", git_commit())
+    for key, value in git_state().items():  # reports written before the commit was recorded
+        report.setdefault(key, value)
     for other in reports[1:]:
         report["decoding"].update(other["decoding"])
         report["validation_loss"].update(other["validation_loss"])
@@ -483,16 +620,17 @@ def merge(paths: list[str], out: Path) -> dict:
 
 
 def write_report(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    plot(report, out.with_suffix(".png"))
+    stem = output_stem(out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with_suffix(stem, ".json").write_text(json.dumps(report, indent=1))
+    plot(report, with_suffix(stem, ".png"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.merge:
-        merge(args.merge, Path(args.out))
+        merge(args.merge, Path(args.output))
         return 0
     transformers.logging.set_verbosity_warning()
     torch.manual_seed(0)
@@ -512,16 +650,20 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     prompts = load_prompts(args, sft)
     report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_commit": git_commit(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version()},
-        "config": vars(args), "dtype": str(dtype), "num_prompts": {"humaneval": sum(p["source"] == "humaneval" for p in prompts), "corpus": sum(p["source"] == "corpus" for p in prompts)},
-        "training": _load_state(work), "validation_loss": {}, "decoding": {},
+        **run_record(device),
+        "config": vars(args),
+        "dtype": str(dtype),
+        "num_prompts": {
+            "humaneval": sum(p["source"] == "humaneval" for p in prompts),
+            "corpus": sum(p["source"] == "corpus" for p in prompts),
+        },
+        "training": _load_state(work),
+        "validation_loss": {},
+        "decoding": {},
         "datastore": None if datastore is None else {"tokens": len(datastore), **datastore.metadata},
         "note": "CPU timings are noisy: the cores are shared with other jobs." if device == "cpu" else "",
     }
-    out = Path(args.out)
+    out = Path(args.output)
     wanted = args.models.split(",")
     for name, noise_length in (("sft", 0), ("msn", args.noise_length)):
         model, loss = fine_tune(args, pretrained, tokenizer, sft, noise_length, work)
@@ -534,7 +676,10 @@ def main(argv=None) -> int:
     report["validation_loss"]["msn_over_sft"] = report["validation_loss"]["msn"] / report["validation_loss"]["sft"]
     write_report(report, out)
     keys = ("speedup_vs_greedy", "tokens_per_forward", "step_overhead_ratio", "mean_tree_size", "agreement")
-    summary = {name: {m: {k: round(v[k], 3) for k in keys if k in v} for m, v in res.items()} for name, res in report["decoding"].items()}
+    summary = {
+        name: {m: {k: round(v[k], 3) for k in keys if k in v} for m, v in res.items()}
+        for name, res in report["decoding"].items()
+    }
     print(json.dumps({"validation_loss": report["validation_loss"], "decoding": summary}, indent=1))
     return 0
 

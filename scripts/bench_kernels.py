@@ -1,6 +1,6 @@
 """Benchmark the fused kernels against unfused torch: forward+backward time and peak memory, side by side.
 
-Linear + multi-target cross-entropy, for every size of the preset's shared list:
+Linear + multi-target cross-entropy, for every shape of the size's shared list:
 - `torch`: unfused, the (N, V) logits materialised (`F.linear`, float32 `log_softmax` once, K gathers: the official
   patch-level code's loss);
 - `effi`: `hf_effitrain.ops.fused_linear_cross_entropy` (the Triton kernel on CUDA; on CPU its chunked torch
@@ -13,26 +13,23 @@ tokens per second and peak memory of the whole `train()`.
 Outputs are checked against `torch` before timing. Time: median of `--repeats` forward+backward passes after a
 warm-up. Peak memory: on CUDA `max_memory_allocated` above the inputs; on CPU the peak resident set above the inputs
 (VmHWM after resetting it through /proc/self/clear_refs; glibc is pinned to mmap every allocation >= 64 KiB, so
-freed tensors leave the RSS at once). Writes JSON (device, date, command, versions, every number) and a PNG.
+freed tensors leave the RSS at once). Writes JSON (device, date, command, versions, git commit, every number) and a
+PNG.
 
-    python scripts/bench_kernels.py --preset cpu-small --out scripts/results/kernels_cpu_small
-    python scripts/bench_kernels.py --preset gpu --out scripts/results/kernels_gpu
+    python scripts/bench_kernels.py --size cpu-small --output scripts/results/kernels_cpu_small
+    python scripts/bench_kernels.py --size gpu --output scripts/results/kernels_gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 # must be in place before the allocator starts: re-executed below when missing
@@ -40,6 +37,7 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_common import add_common_arguments, output_stem, run_record, with_suffix  # noqa: E402
 
 from hf_effitrain.hub.modeling_ode_shared import OdeStepRMSNorm  # noqa: E402
 from hf_effitrain.ops import fused_linear_cross_entropy, load_kernel_module  # noqa: E402
@@ -174,7 +172,7 @@ def bench_linear_cross_entropy(sizes, dtype, device, repeats):
             diff = 0.0 if name == "torch" else check_close(fn, unfused_torch_loss, inputs, dtype)
             step = fwd_bwd(fn, *inputs)
             times = time_ms(step, device, repeats)
-            peak = peak_memory_mb(step, device, release=lambda: clear_grads(*inputs[:2]))
+            peak = peak_memory_mb(step, device, release=lambda inputs=inputs: clear_grads(*inputs[:2]))
             rows.append({
                 "op": "linear_cross_entropy", "provider": name, "path": effi_path if name == "effi" else name,
                 "N": n, "H": h, "V": v, "K": k, "dtype": str(dtype).removeprefix("torch."),
@@ -201,6 +199,7 @@ def bench_ode_step(sizes, dtype, device, repeats):
         }
         reference = None
         for name, forward in providers.items():
+
             def step(forward=forward):
                 x_new, y = forward()
                 (x_new.float().sum() + y.float().square().sum()).backward()
@@ -234,9 +233,9 @@ def bench_patch_training(config, dtype, device) -> list[dict]:
 
     from datasets import Dataset
 
+    from hf_effitrain.methods.patch.config import PatchTrainingArguments
+    from hf_effitrain.methods.patch.trainer import PatchTrainer
     from hf_effitrain.models.presets import build_model
-    from hf_effitrain.training.patch_config import PatchTrainingArguments
-    from hf_effitrain.training.patch_trainer import PatchTrainer
 
     preset, vocab, block, batch, steps = config
     ids = torch.randint(0, vocab, (4 * batch * steps, block), generator=torch.Generator().manual_seed(0))
@@ -269,28 +268,6 @@ def bench_patch_training(config, dtype, device) -> list[dict]:
     return rows
 
 
-def environment(device) -> dict:
-    versions = {}
-    for package in ("torch", "triton", "transformers", "kernels", "liger-kernel", "hf-effitrain"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return {
-        "device": f"{device.type}: {name}",
-        "cpu_threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "versions": versions,
-        "git_commit": commit.stdout.strip() or None,
-        "git_dirty": bool(dirty.stdout.strip()),  # uncommitted changes: the commit alone does not identify the code
-        "platform": platform.platform(),
-    }
-
-
 def plot(rows, path: Path, title: str) -> None:
     import matplotlib
 
@@ -319,27 +296,36 @@ def plot(rows, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(SIZES), default="cpu-small", help="which shared size list")
-    parser.add_argument("--out", default="scripts/results/kernels_cpu_small", help="writes <out>.json and <out>.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: per preset")
+    add_common_arguments(
+        parser,
+        SIZES,
+        "cpu-small",
+        "scripts/results/kernels_cpu_small",
+        size_aliases=("--preset",),
+        output_aliases=("--out",),
+        device_default="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: per size")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median reported)")
     parser.add_argument("--max-sizes", type=int, default=None, help="only the first N sizes of the list")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end PatchTrainer throughput run")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or DTYPES[args.preset])
-    sizes = SIZES[args.preset][: args.max_sizes]
+    dtype = getattr(torch, args.dtype or DTYPES[args.size])
+    sizes = SIZES[args.size][: args.max_sizes]
     torch.manual_seed(0)
     rows = bench_linear_cross_entropy(sizes, dtype, device, args.repeats)
-    ode_rows = bench_ode_step(ODE_SIZES[args.preset] if device.type == "cuda" else [], dtype, device, args.repeats)
-    e2e_rows = [] if args.skip_e2e else bench_patch_training(E2E[args.preset], dtype, device)
+    ode_rows = bench_ode_step(ODE_SIZES[args.size] if device.type == "cuda" else [], dtype, device, args.repeats)
+    e2e_rows = [] if args.skip_e2e else bench_patch_training(E2E[args.size], dtype, device)
     result = {
-        **environment(device),
-        "preset": args.preset,
+        **run_record(str(device), extra_packages=("triton", "kernels", "liger-kernel")),
+        "preset": args.size,  # the key of earlier results
+        "size": args.size,
         "dtype": str(dtype).removeprefix("torch."),
         "repeats": args.repeats,
-        "notes": [] if device.type == "cuda" else [
+        "notes": []
+        if device.type == "cuda"
+        else [
             "CPU run: `effi` is the chunked torch reference (the CPU path), not the Triton kernel.",
             "Triton kernel, Liger and ODE-step figures need a CUDA GPU: pending.",
             "patch_training rows: tiny model on CPU, `effi` = the chunked torch reference inside PatchTrainer.",
@@ -347,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         ],  # fmt: skip
         "rows": rows + ode_rows + e2e_rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, out.with_suffix(".png"), f"linear cross-entropy, {result['device']}, {result['dtype']}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    stem = output_stem(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with_suffix(stem, ".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, with_suffix(stem, ".png"), f"linear cross-entropy, {result['device']}, {result['dtype']}")
+    print(f"wrote {with_suffix(stem, '.json')} and {with_suffix(stem, '.png')}")
     return 0
 
 

@@ -14,25 +14,23 @@ with a KV cache at batch 1); every `eval_every` optimizer steps the validation l
 (the loss curves). The summary checks the goal: at L/2 steps within 1% of the same model at L steps, with the loss
 at L steps no worse than `plain`'s. Writes JSON (device, date, command, versions, git commit, every number) and a PNG.
 
-    OMP_NUM_THREADS=2 python scripts/bench_ode.py --preset cpu-small --out scripts/results/ode_cpu_small_steps
-    python scripts/bench_ode.py --preset gpu --out scripts/results/ode_gpu   # >= 20M params, bf16
+    OMP_NUM_THREADS=2 python scripts/bench_ode.py --size cpu-small --output scripts/results/ode_cpu_small_steps
+    python scripts/bench_ode.py --size gpu --output scripts/results/ode_gpu   # >= 20M params, bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import add_common_arguments, output_stem, run_record, with_suffix
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from hf_effitrain.data import load_corpus, pack_dataset, train_tokenizer
@@ -73,25 +71,52 @@ PRESETS = {
     # 600 steps: the plain model leaves its unigram plateau (near loss 6.3) after ~100 steps at this size.
     "cpu-small": BenchConfig(train_steps=600),
     # GPU scale: one shared layer of hidden 768 over depth 8 is 22M params with the 8192-token vocabulary.
-    "gpu": BenchConfig(hidden_size=768, num_heads=12, intermediate_size=3072, depth=8, vocab_size=8192, block_size=512,
-                       batch_size=32, train_steps=1800, learning_rate=1e-3, warmup_steps=100, scope="all",
-                       max_files=None, eval_blocks=256, decode_prompts=16, decode_new_tokens=64, dtype="bfloat16",
-                       eval_every=300, curve_blocks=64),
+    "gpu": BenchConfig(
+        hidden_size=768,
+        num_heads=12,
+        intermediate_size=3072,
+        depth=8,
+        vocab_size=8192,
+        block_size=512,
+        batch_size=32,
+        train_steps=1800,
+        learning_rate=1e-3,
+        warmup_steps=100,
+        scope="all",
+        max_files=None,
+        eval_blocks=256,
+        decode_prompts=16,
+        decode_new_tokens=64,
+        dtype="bfloat16",
+        eval_every=300,
+        curve_blocks=64,
+    ),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--out", default="scripts/results/ode_cpu_small", help="output prefix: writes <out>.json and <out>.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine the runs of these result files (same config, "
-                        "run in parallel processes with disjoint --schedules) into <out>.json / <out>.png; trains nothing")
+    add_common_arguments(
+        parser,
+        PRESETS,
+        "cpu-small",
+        "scripts/results/ode_cpu_small",
+        size_aliases=("--preset",),
+        output_aliases=("--out",),
+        device_default="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine the runs of these result files (same config, "
+        "run in parallel processes with disjoint --schedules) into --output (JSON + PNG); trains nothing",
+    )
     for name, value in asdict(BenchConfig()).items():
         kind = int if name in ("max_files",) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override the preset's {name}")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override the size's {name}")
     args = parser.parse_args(argv)
-    config = PRESETS[args.preset]
+    config = PRESETS[args.size]
     overrides = {k: v for k, v in vars(args).items() if k in asdict(config) and v is not None}
     config = BenchConfig(**{**asdict(config), **overrides})
     if config.depth % 4:
@@ -112,9 +137,18 @@ def prepare_data(config: BenchConfig):
 
 
 def build(schedule: str, config: BenchConfig, tokenizer):
-    common = dict(vocab_size=len(tokenizer), max_position_embeddings=max(1024, config.block_size), hidden_size=config.hidden_size,
-                  num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads, intermediate_size=config.intermediate_size,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=config.seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(1024, config.block_size),
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+    )
     depth = config.depth
     if schedule == "llama":
         return build_model("tiny", "llama", num_hidden_layers=depth, **common)
@@ -158,18 +192,39 @@ class LossCurve(TrainerCallback):
 
 def train(model, config: BenchConfig, train_data, tokenizer, device: str, output_dir: Path, curve: LossCurve) -> dict:
     arguments = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=config.batch_size, max_steps=config.train_steps,
-        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.1,
-        logging_steps=max(1, config.train_steps // 10), save_strategy="no", report_to=[], seed=config.seed,
-        data_seed=config.seed, use_cpu=device == "cpu", bf16=config.dtype == "bfloat16", dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        max_steps=config.train_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.1,
+        logging_steps=max(1, config.train_steps // 10),
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=config.dtype == "bfloat16",
+        dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_data, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                      callbacks=[curve])
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[curve],
+    )
     start = time.perf_counter()
     result = trainer.train()
     train_log = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    return {"train_seconds": time.perf_counter() - start, "train_loss": result.training_loss,
-            "tokens": config.train_steps * config.batch_size * config.block_size, "train_log": train_log, "curve": curve.points}
+    return {
+        "train_seconds": time.perf_counter() - start,
+        "train_loss": result.training_loss,
+        "tokens": config.train_steps * config.batch_size * config.block_size,
+        "train_log": train_log,
+        "curve": curve.points,
+    }
 
 
 @torch.no_grad()
@@ -180,7 +235,9 @@ def validation_loss(model, validation, device: str, num_steps: int | None, batch
         ids = torch.tensor(validation[start : start + batch_size]["input_ids"], device=device)
         kwargs = {} if num_steps is None else {"num_steps": num_steps}
         logits = model(ids, use_cache=False, **kwargs).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total, count = total + loss.item(), count + ids[:, 1:].numel()
     return total / count
 
@@ -189,8 +246,16 @@ def validation_loss(model, validation, device: str, num_steps: int | None, batch
 def decode_ms_per_token(model, validation, config: BenchConfig, device: str, num_steps: int | None) -> float:
     """Median over prompts of greedy-decode wall time per new token (batch 1, KV cache), after one warm-up call."""
     kwargs = {} if num_steps is None else {"num_steps": num_steps}
-    prompts = [torch.tensor([row[: config.decode_prompt_tokens]], device=device) for row in validation[: config.decode_prompts]["input_ids"]]
-    generate = dict(max_new_tokens=config.decode_new_tokens, min_new_tokens=config.decode_new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+    prompts = [
+        torch.tensor([row[: config.decode_prompt_tokens]], device=device)
+        for row in validation[: config.decode_prompts]["input_ids"]
+    ]
+    generate = dict(
+        max_new_tokens=config.decode_new_tokens,
+        min_new_tokens=config.decode_new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.pad_token_id,
+    )
     model.generate(prompts[0], **generate, **kwargs)
     timings = []
     for prompt in prompts:
@@ -211,13 +276,15 @@ def evaluate(schedule: str, model, config: BenchConfig, validation, device: str)
     rows = []
     for steps in steps_list:
         layer_evals = config.depth if steps is None else steps  # one shared layer per Euler step
-        rows.append({
-            "num_steps": steps if steps is not None else config.depth,
-            "layer_evaluations_per_token": layer_evals,
-            "relative_layer_compute": layer_evals / config.depth,
-            "validation_loss": validation_loss(model, validation, device, steps),
-            "decode_ms_per_token": decode_ms_per_token(model, validation, config, device, steps),
-        })
+        rows.append(
+            {
+                "num_steps": steps if steps is not None else config.depth,
+                "layer_evaluations_per_token": layer_evals,
+                "relative_layer_compute": layer_evals / config.depth,
+                "validation_loss": validation_loss(model, validation, device, steps),
+                "decode_ms_per_token": decode_ms_per_token(model, validation, config, device, steps),
+            }
+        )
     return rows
 
 
@@ -237,10 +304,16 @@ def plot(results: dict, path: Path) -> None:
         loss_ax.plot(steps, [row["validation_loss"] for row in run["eval"]], label=label, color=color, **style)
         time_ax.plot(steps, [row["decode_ms_per_token"] for row in run["eval"]], label=label, color=color, **style)
         tokens = [point["tokens"] / 1e6 for point in run["curve"]]
-        for key, line in (("validation_loss", "-"), (f"validation_loss_{depth}_steps", "-"), (f"validation_loss_{depth // 2}_steps", "--")):
+        for key, line in (
+            ("validation_loss", "-"),
+            (f"validation_loss_{depth}_steps", "-"),
+            (f"validation_loss_{depth // 2}_steps", "--"),
+        ):
             if key in run["curve"][0]:
                 suffix = "" if key == "validation_loss" else f" @ {key.split('_')[2]} steps"
-                curve_ax.plot(tokens, [point[key] for point in run["curve"]], line, color=color, label=f"{label}{suffix}")
+                curve_ax.plot(
+                    tokens, [point[key] for point in run["curve"]], line, color=color, label=f"{label}{suffix}"
+                )
     curve_ax.set_xlabel("training tokens (M)")
     curve_ax.set_ylabel(f"validation loss (first {results['config']['curve_blocks']} blocks)")
     curve_ax.grid(alpha=0.3)
@@ -268,34 +341,28 @@ def add_plain_deltas(results: dict) -> None:
 def summarise(results: dict) -> dict:
     """Per schedule: loss at L/2 and L/4 against the same model at L, loss at L against plain's, and the goal."""
     depth = results["config"]["depth"]
-    plain_full = next((row["validation_loss"] for row in results["runs"].get("plain", {}).get("eval", []) if row["num_steps"] == depth), None)
+    plain_full = next(
+        (
+            row["validation_loss"]
+            for row in results["runs"].get("plain", {}).get("eval", [])
+            if row["num_steps"] == depth
+        ),
+        None,
+    )
     summary = {}
     for name, run in results["runs"].items():
         losses = {row["num_steps"]: row["validation_loss"] for row in run["eval"]}
         if name == "llama" or depth // 2 not in losses:
             continue
-        entry = {"half_steps_vs_full_pct": 100 * (losses[depth // 2] / losses[depth] - 1),
-                 "quarter_steps_vs_full_pct": 100 * (losses[depth // 4] / losses[depth] - 1)}
+        entry = {
+            "half_steps_vs_full_pct": 100 * (losses[depth // 2] / losses[depth] - 1),
+            "quarter_steps_vs_full_pct": 100 * (losses[depth // 4] / losses[depth] - 1),
+        }
         if plain_full is not None:
             entry["full_vs_plain_full_pct"] = 100 * (losses[depth] / plain_full - 1)
             entry["goal_met"] = entry["half_steps_vs_full_pct"] <= 1.0 and losses[depth] <= plain_full
         summary[name] = entry
     return summary
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def versions() -> dict:
-    import datasets
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}
 
 
 def merge(paths: list[str], out: Path) -> dict:
@@ -305,17 +372,26 @@ def merge(paths: list[str], out: Path) -> dict:
     for path, part in zip(paths[1:], parts[1:]):
         differing = sorted(k for k in first["config"] if k != "schedules" and part["config"][k] != first["config"][k])
         if differing:
-            raise ValueError(f"{path} was run with other settings than {paths[0]}: {differing}; only --schedules may differ.")
-    results = {**first, "runs": {}, "merged_from": [{"file": path, "command": part["command"], "date": part["date"]} for path, part in zip(paths, parts)],
-               "merge_command": " ".join([sys.executable.split("/")[-1], *sys.argv])}
+            raise ValueError(
+                f"{path} was run with other settings than {paths[0]}: {differing}; only --schedules may differ."
+            )
+    results = {
+        **first,
+        "runs": {},
+        "merged_from": [
+            {"file": path, "command": part["command"], "date": part["date"]} for path, part in zip(paths, parts)
+        ],
+        "merge_command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+    }
     for part in parts:
         results["runs"].update(part["runs"])
     results["config"] = {**first["config"], "schedules": ",".join(results["runs"])}
     add_plain_deltas(results)
     results["summary"] = summarise(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
+    stem = output_stem(out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with_suffix(stem, ".json").write_text(json.dumps(results, indent=2))
+    plot(results, with_suffix(stem, ".png"))
     print(json.dumps({"summary": results["summary"]}, indent=1))
     return results
 
@@ -323,25 +399,29 @@ def merge(paths: list[str], out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     if args.merge:
-        merge(args.merge, Path(args.out))
+        merge(args.merge, Path(args.output))
         return 0
     torch.manual_seed(config.seed)
     device = args.device
     dtype = getattr(torch, config.dtype)
     tokenizer, train_data, validation = prepare_data(config)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    stem = output_stem(args.output)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     results = {
-        "benchmark": "ode_shared", "device": device_name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "versions": versions(), "git_commit": git_commit(),
-        "threads": torch.get_num_threads(), "config": asdict(config),
-        "data": {"train_blocks": len(train_data), "validation_blocks": len(validation), "vocab_size": len(tokenizer)}, "runs": {},
+        "benchmark": "ode_shared",
+        **run_record(device),
+        "size": args.size,
+        "threads": torch.get_num_threads(),
+        "config": asdict(config),
+        "data": {"train_blocks": len(train_data), "validation_blocks": len(validation), "vocab_size": len(tokenizer)},
+        "runs": {},
     }
     for schedule in config.schedules.split(","):
         model = build(schedule, config, tokenizer).to(device)
         run = {"parameters": sum(p.numel() for p in model.parameters())}
-        curve = LossCurve(model, validation.select(range(min(config.curve_blocks, len(validation)))), config, device, schedule)
+        curve = LossCurve(
+            model, validation.select(range(min(config.curve_blocks, len(validation)))), config, device, schedule
+        )
         with tempfile.TemporaryDirectory() as scratch:  # Trainer wants an output_dir; nothing is kept
             run.update(train(model, config, train_data, tokenizer, device, Path(scratch), curve))
         model = model.to(dtype)
@@ -351,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     add_plain_deltas(results)
     results["summary"] = summarise(results)
     print(json.dumps({"summary": results["summary"]}, indent=1), flush=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    with_suffix(stem, ".json").write_text(json.dumps(results, indent=2))
+    plot(results, with_suffix(stem, ".png"))
+    print(f"wrote {with_suffix(stem, '.json')} and {with_suffix(stem, '.png')}")
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Build the noarch variants of every kernel repo under `kernels/` (see `hf_effitrain.ops.kernel_build`).
+"""Build the noarch variants of every kernel repo under `kernels/` (see `kernel_build.py`).
 
-    python scripts/build_kernels.py            # (re)build every kernel repo
-    python scripts/build_kernels.py --check    # exit 1 if a build/ folder is out of date with torch-ext/
+python scripts/build_kernels.py            # (re)build every kernel repo
+python scripts/build_kernels.py --check    # exit 1 if a build/ folder is out of date with torch-ext/
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_effitrain.ops.kernel_build import build_repo, kernel_repos
-
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+from kernel_build import CHECKOUT_KERNELS_DIR, build_repo, kernel_repos
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that build/ matches torch-ext/")
-    parser.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR, help="folder with one kernel repo per op")
+    parser.add_argument(
+        "--kernels-dir", type=Path, default=CHECKOUT_KERNELS_DIR, help="folder with one kernel repo per op"
+    )
     args = parser.parse_args(argv)
     repos = kernel_repos(args.kernels_dir)
     if not repos:

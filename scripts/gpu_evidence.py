@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -45,10 +42,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when this file is loaded as a module
+from bench_common import add_common_arguments, git_state, run_record, source_digest  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "scripts" / "results"
 LOGS = REPO / "runs" / "gpu_evidence"
-HUMANEVAL_CANDIDATES = (REPO / "wheelhouse" / "data" / "HumanEval.jsonl.gz", REPO.parent / "shared" / "data" / "HumanEval.jsonl.gz")
+HUMANEVAL_CANDIDATES = (
+    REPO / "wheelhouse" / "data" / "HumanEval.jsonl.gz",
+    REPO.parent / "shared" / "data" / "HumanEval.jsonl.gz",
+)
 
 # ---- the assumptions behind every estimate -------------------------------------------------------------------------
 # H100 / H200 SXM dense bf16: 989 TFLOP/s by the datasheet; an 8192^3 bf16 matmul measured 770-800 TFLOP/s on an H200.
@@ -88,14 +91,13 @@ class Part:
     """One benchmark run: its script, GPU-size arguments, and the micro overrides of the dry run.
 
     The dry run passes `gpu_args` (without `gpu_only` switches) followed by `dry_args`: argparse keeps the last value
-    of a flag, so the micro values win while every GPU flag still goes through the script's parser.
+    of a flag, so the micro values win while every GPU flag still goes through the script's parser. Every script
+    takes `--output <prefix>` and writes `<prefix>.json` and its PNGs `<prefix><suffix>.png` (`pngs`).
     """
 
     name: str
     script: str
     what: str
-    out_flag: str
-    out_suffix: str  # "" when the script takes an output prefix, ".json" when it takes the JSON path
     gpu_args: list[str]
     dry_args: list[str]
     gpu_only: tuple[str, ...] = ()
@@ -106,44 +108,188 @@ PARTS = {
     part.name: part
     for part in (
         Part(
-            "kernels", "bench_kernels.py", "fused linear cross-entropy / ODE step vs unfused torch (+ Liger)", "--out", "",
-            ["--preset", "gpu", "--repeats", "3"],
-            ["--preset", "cpu-small", "--repeats", "1", "--max-sizes", "1", "--skip-e2e", "--device", "cpu"],
+            "kernels",
+            "bench_kernels.py",
+            "fused linear cross-entropy / ODE step vs unfused torch (+ Liger)",
+            ["--size", "gpu", "--repeats", "3"],
+            ["--size", "cpu-small", "--repeats", "1", "--max-sizes", "1", "--skip-e2e", "--device", "cpu"],
         ),
         Part(
-            "patch", "bench_patch.py", "patch-level vs token-level training", "--output", ".json",
+            "patch",
+            "bench_patch.py",
+            "patch-level vs token-level training",
             ["--size", "gpu", "--bf16", "--scope", "all", "--max-files", "6000", "--tokens", "2e7", "--num-proc", "8"],
-            ["--size", "cpu_small", "--preset", "tiny", "--scope", "stdlib", "--max-files", "20", "--vocab-size", "300",
-             "--block-size", "16", "--batch-size", "4", "--tokens", "2e4", "--evals", "2", "--max-eval-blocks", "8",
-             "--num-proc", "1", "--device", "cpu"],
+            [
+                "--size",
+                "cpu_small",
+                "--preset",
+                "tiny",
+                "--scope",
+                "stdlib",
+                "--max-files",
+                "20",
+                "--vocab-size",
+                "300",
+                "--block-size",
+                "16",
+                "--batch-size",
+                "4",
+                "--tokens",
+                "2e4",
+                "--evals",
+                "2",
+                "--max-eval-blocks",
+                "8",
+                "--num-proc",
+                "1",
+                "--device",
+                "cpu",
+            ],
             gpu_only=("--bf16",),
         ),
         Part(
-            "ode", "bench_ode.py", "ODE-shared: loss and decode latency vs solver steps", "--out", "",
-            ["--preset", "gpu", "--scope", "all", "--max-files", "6000", "--train-steps", "400", "--warmup-steps", "20",
-             "--decode-prompts", "4", "--decode-new-tokens", "32"],
-            ["--preset", "cpu-small", "--scope", "stdlib", "--max-files", "20", "--hidden-size", "32", "--num-heads", "4",
-             "--intermediate-size", "64", "--depth", "4", "--vocab-size", "300", "--block-size", "16", "--batch-size", "4",
-             "--train-steps", "3", "--warmup-steps", "1", "--eval-blocks", "4", "--decode-prompts", "1",
-             "--decode-prompt-tokens", "8", "--decode-new-tokens", "4", "--device", "cpu"],
+            "ode",
+            "bench_ode.py",
+            "ODE-shared: loss and decode latency vs solver steps",
+            [
+                "--size",
+                "gpu",
+                "--scope",
+                "all",
+                "--max-files",
+                "6000",
+                "--train-steps",
+                "400",
+                "--warmup-steps",
+                "20",
+                "--decode-prompts",
+                "4",
+                "--decode-new-tokens",
+                "32",
+            ],
+            [
+                "--size",
+                "cpu-small",
+                "--scope",
+                "stdlib",
+                "--max-files",
+                "20",
+                "--hidden-size",
+                "32",
+                "--num-heads",
+                "4",
+                "--intermediate-size",
+                "64",
+                "--depth",
+                "4",
+                "--vocab-size",
+                "300",
+                "--block-size",
+                "16",
+                "--batch-size",
+                "4",
+                "--train-steps",
+                "3",
+                "--warmup-steps",
+                "1",
+                "--eval-blocks",
+                "4",
+                "--decode-prompts",
+                "1",
+                "--decode-prompt-tokens",
+                "8",
+                "--decode-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+            ],
         ),
         Part(
-            "decode", "bench_decode.py", "MSN + Jacobi / TR-Jacobi vs greedy, static greedy, prompt lookup (bf16)", "--out", "",
-            ["--size", "gpu", "--bf16", "--scope", "all", "--max_files", "2500", "--pretrain_steps", "1500",
-             "--sft_steps", "400", "--humaneval_prompts", "12", "--corpus_prompts", "8", "--max_new_tokens", "64",
-             "--repeats", "1"],
-            ["--size", "cpu_small", "--scope", "stdlib", "--max_files", "30", "--vocab_size", "300", "--block_size", "32",
-             "--pretrain_steps", "3", "--pretrain_batch", "4", "--sft_steps", "2", "--sft_batch", "2",
-             "--humaneval_prompts", "2", "--corpus_prompts", "1", "--max_new_tokens", "8", "--repeats", "1"],
+            "decode",
+            "bench_decode.py",
+            "MSN + Jacobi / TR-Jacobi vs greedy, static greedy, prompt lookup (bf16)",
+            [
+                "--size",
+                "gpu",
+                "--bf16",
+                "--scope",
+                "all",
+                "--max-files",
+                "2500",
+                "--pretrain-steps",
+                "1500",
+                "--sft-steps",
+                "400",
+                "--humaneval-prompts",
+                "12",
+                "--corpus-prompts",
+                "8",
+                "--max-new-tokens",
+                "64",
+                "--repeats",
+                "1",
+            ],
+            [
+                "--size",
+                "cpu_small",
+                "--scope",
+                "stdlib",
+                "--max-files",
+                "30",
+                "--vocab-size",
+                "300",
+                "--block-size",
+                "32",
+                "--pretrain-steps",
+                "3",
+                "--pretrain-batch",
+                "4",
+                "--sft-steps",
+                "2",
+                "--sft-batch",
+                "2",
+                "--humaneval-prompts",
+                "2",
+                "--corpus-prompts",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--repeats",
+                "1",
+            ],
             gpu_only=("--bf16",),
         ),
         Part(
-            "cascade", "bench_cascade.py", "cascade-aware training vs standard fine-tuning", "--output", "",
-            ["--size", "gpu", "--pretrain_steps", "600", "--finetune_steps", "300", "--exact_match_examples", "0",
-             "--speculative_prompts", "2"],
-            ["--size", "cpu_small", "--pretrain_steps", "3", "--finetune_steps", "2", "--presets", "standard,paper",
-             "--exact_match_examples", "0", "--speculative_prompts", "1"],
-            pngs=("", "_sequence", "_speculative"),
+            "cascade",
+            "bench_cascade.py",
+            "cascade-aware training vs standard fine-tuning",
+            [
+                "--size",
+                "gpu",
+                "--pretrain-steps",
+                "600",
+                "--finetune-steps",
+                "300",
+                "--exact-match-examples",
+                "0",
+                "--speculative-prompts",
+                "2",
+            ],
+            [
+                "--size",
+                "cpu_small",
+                "--pretrain-steps",
+                "3",
+                "--finetune-steps",
+                "2",
+                "--presets",
+                "standard,paper",
+                "--exact-match-examples",
+                "0",
+                "--speculative-prompts",
+                "1",
+            ],
+            pngs=("", "_sequence", "_decoded"),
         ),
     )
 }
@@ -255,7 +401,7 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
         comp["training"] = train / TRAIN_FLOPS_PER_S + len(runs) * RUN_OVERHEAD_S
         comp["evaluation"] = evals / TRAIN_FLOPS_PER_S
     elif part.name == "ode":
-        cfg = module.PRESETS[_flag(args, "--preset")]
+        cfg = module.PRESETS[_flag(args, "--size")]
         steps = int(_flag(args, "--train-steps", cfg.train_steps))
         scope, max_files = _flag(args, "--scope", cfg.scope), int(_flag(args, "--max-files", cfg.max_files or 0))
         d, depth, block = cfg.hidden_size, cfg.depth, cfg.block_size
@@ -277,15 +423,20 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
         comp["decoding"] = (prompts + 1) * new * DECODE_FORWARD_S * layer_evals / depth
     elif part.name == "decode":
         cfg = dict(module.SIZES[_flag(args, "--size")])
+
         def get(key):
-            value = _flag(args, f"--{key}", cfg[key])
+            value = _flag(args, f"--{key.replace('_', '-')}", cfg[key])
             return None if value is None else int(value)
 
         hidden, layers, _, intermediate = _preset_dims(cfg["preset"], cfg["config_overrides"])
         params = llama_params(cfg["vocab_size"], hidden, layers, intermediate)
         block = cfg["block_size"]
-        pretrain = get("pretrain_steps") * cfg["pretrain_batch"] * block * train_flops_per_token(params, layers, block, hidden)
-        sft = 2 * get("sft_steps") * cfg["sft_batch"] * cfg["sft_max_length"] * 6 * params  # rows padded at most to max_length
+        pretrain = (
+            get("pretrain_steps") * cfg["pretrain_batch"] * block * train_flops_per_token(params, layers, block, hidden)
+        )
+        sft = (
+            2 * get("sft_steps") * cfg["sft_batch"] * cfg["sft_max_length"] * 6 * params
+        )  # rows padded at most to max_length
         prompts = get("humaneval_prompts") + get("corpus_prompts")
         # every method at most one forward per new token (prompt lookup and the Jacobi methods need fewer), on every
         # fine-tuned model, plus one warm-up call per method
@@ -301,14 +452,16 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
         comp["static-cache compile"] = 2 * STATIC_COMPILE_S
     elif part.name == "cascade":
         cfg = dict(module.SIZES[_flag(args, "--size")])
-        pre_steps = int(_flag(args, "--pretrain_steps", cfg["small_pretrain_steps"]))
-        ft_steps = int(_flag(args, "--finetune_steps", cfg["finetune_steps"]))
+        pre_steps = int(_flag(args, "--pretrain-steps", cfg["small_pretrain_steps"]))
+        ft_steps = int(_flag(args, "--finetune-steps", cfg["finetune_steps"]))
         presets = (_flag(args, "--presets") or ",".join(_loss_presets())).split(",")
         tokens_per_step = cfg["batch_size"] * cfg["block_size"]
         small = llama_params(cfg["vocab_size"], cfg["small"][0], cfg["small"][1], cfg["small"][3])
         large = llama_params(cfg["vocab_size"], cfg["large"][0], cfg["large"][1], cfg["large"][3])
         pretrain = pre_steps * tokens_per_step * (6 * small + 6 * large)
-        finetune = sum(ft_steps * tokens_per_step * (6 * small + (0 if p == "standard" else 2 * large)) for p in presets)
+        finetune = sum(
+            ft_steps * tokens_per_step * (6 * small + (0 if p == "standard" else 2 * large)) for p in presets
+        )
         flops = pretrain + finetune
         comp.update(data_prep_s(sizer.chars(cfg["scope"], cfg["max_files"]), prepared, ("cascade",), cores))
         comp["pre-training"] = pretrain / TRAIN_FLOPS_PER_S + 2 * RUN_OVERHEAD_S
@@ -317,8 +470,8 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
         # decoded curves at batch 1 (latency-bound): per prompt and decoded small model, the small and large greedy
         # runs, the token cascade at every decoded point, the speculative cascade at every alpha of every rule, and
         # speculative decoding; each ~1.25 forwards per new token (drafts, lazy catch-up)
-        prompts = int(_flag(args, "--speculative_prompts", cfg.get("speculative_prompts", 0)))
-        decoded = [p for p in (_flag(args, "--speculative_presets") or "standard,paper").split(",") if p in presets]
+        prompts = int(_flag(args, "--speculative-prompts", cfg.get("speculative_prompts", 0)))
+        decoded = [p for p in (_flag(args, "--speculative-presets") or "standard,paper").split(",") if p in presets]
         alphas = sum(len(v) for v in getattr(module, "DEFAULT_ALPHAS", {"rules": [0] * 21}).values())
         runs = 2 + cfg.get("decoded_points", 0) + alphas + 1
         forwards = prompts * len(decoded) * runs * 1.25 * cfg.get("new_tokens", 0)
@@ -348,8 +501,12 @@ def _preset_dims(preset: str, overrides: str = "") -> tuple[int, int, int, int]:
     from hf_effitrain.models.presets import PRESETS as MODEL_PRESETS
 
     p = MODEL_PRESETS[preset]
-    dims = {"hidden_size": p.hidden_size, "num_hidden_layers": p.num_layers, "num_attention_heads": p.num_heads,
-            "intermediate_size": p.intermediate_size}
+    dims = {
+        "hidden_size": p.hidden_size,
+        "num_hidden_layers": p.num_layers,
+        "num_attention_heads": p.num_heads,
+        "intermediate_size": p.intermediate_size,
+    }
     for item in filter(None, (overrides or "").split(",")):
         key, value = item.split("=")
         if key.strip() in dims:
@@ -358,7 +515,7 @@ def _preset_dims(preset: str, overrides: str = "") -> tuple[int, int, int, int]:
 
 
 def _loss_presets() -> list[str]:
-    from hf_effitrain.cascade import LOSS_PRESETS
+    from hf_effitrain.methods.cascade import LOSS_PRESETS
 
     return list(LOSS_PRESETS)
 
@@ -403,7 +560,9 @@ def split_into_commands(names: list[str], estimates: dict[str, Estimate], budget
 
 
 # ---- running --------------------------------------------------------------------------------------------------------
-def run_limited(command: list[str], limit_s: float, log_path: Path, env: dict | None = None) -> tuple[str, float, int | None]:
+def run_limited(
+    command: list[str], limit_s: float, log_path: Path, env: dict | None = None
+) -> tuple[str, float, int | None]:
     """Run `command` with its output in `log_path`; stop its whole process group after `limit_s` seconds.
 
     Args:
@@ -465,7 +624,7 @@ def part_command(part: Part, stem: Path, dry: bool, humaneval: Path | None) -> l
         args += part.dry_args
     if part.name == "decode" and humaneval is not None:
         args += ["--humaneval", str(humaneval)]
-    return [sys.executable, str(REPO / "scripts" / part.script), *args, part.out_flag, f"{stem}{part.out_suffix}"]
+    return [sys.executable, str(REPO / "scripts" / part.script), *args, "--output", str(stem)]
 
 
 def micro_humaneval(folder: Path) -> Path:
@@ -487,11 +646,19 @@ def key_results(name: str, result: dict) -> str:
     if name == "kernels":
         rows = [r for r in result["rows"] if r["op"] == "linear_cross_entropy"]
         torch_rows = {(r["N"], r["H"], r["V"], r["K"]): r for r in rows if r["provider"] == "torch"}
-        ratios = [(r["time_ms_median"] / torch_rows[k]["time_ms_median"], r["peak_mem_mb"] / max(torch_rows[k]["peak_mem_mb"], 1e-9))
-                  for r in rows if r["provider"] == "effi" and (k := (r["N"], r["H"], r["V"], r["K"])) in torch_rows]
+        ratios = [
+            (
+                r["time_ms_median"] / torch_rows[k]["time_ms_median"],
+                r["peak_mem_mb"] / max(torch_rows[k]["peak_mem_mb"], 1e-9),
+            )
+            for r in rows
+            if r["provider"] == "effi" and (k := (r["N"], r["H"], r["V"], r["K"])) in torch_rows
+        ]
         times, mems = [t for t, _ in ratios], [m for _, m in ratios]
-        text = (f"effi/torch over {len(ratios)} sizes: time {min(times):.2f}-{max(times):.2f}x, "
-                f"peak memory {min(mems):.2f}-{max(mems):.2f}x")
+        text = (
+            f"effi/torch over {len(ratios)} sizes: time {min(times):.2f}-{max(times):.2f}x, "
+            f"peak memory {min(mems):.2f}-{max(mems):.2f}x"
+        )
         liger = sum(r["provider"] == "liger" for r in rows)
         ode = [r for r in result["rows"] if r["op"] == "ode_step_rms_norm"]
         return text + f"; liger rows {liger}; ode-step rows {len(ode)}"
@@ -499,8 +666,10 @@ def key_results(name: str, result: dict) -> str:
         s, parts = result["summary"], []
         for run in [key.removesuffix("_over_token_flops") for key in s if key.endswith("_over_token_flops")]:
             winner = s.get(f"{run}_equal_compute_winner", s.get("equal_compute_winner"))
-            parts.append(f"{run}: FLOPs x{s[f'{run}_over_token_flops']:.3f}, loss vs token {s[f'{run}_minus_token_loss']:+.3f}, "
-                         f"vs token_half {s.get(f'{run}_minus_token_half_loss', float('nan')):+.3f} ({winner} wins at equal compute)")
+            parts.append(
+                f"{run}: FLOPs x{s[f'{run}_over_token_flops']:.3f}, loss vs token {s[f'{run}_minus_token_loss']:+.3f}, "
+                f"vs token_half {s.get(f'{run}_minus_token_half_loss', float('nan')):+.3f} ({winner} wins at equal compute)"
+            )
         if not parts:
             raise KeyError("no <run>_over_token_flops in the summary")
         return "; ".join(parts)
@@ -514,7 +683,9 @@ def key_results(name: str, result: dict) -> str:
     if name == "decode":
         parts = []
         for model, methods in result["decoding"].items():
-            best = ", ".join(f"{m} {v['speedup_vs_greedy']:.2f}x/{v['agreement']:.2f}" for m, v in methods.items() if m != "greedy")
+            best = ", ".join(
+                f"{m} {v['speedup_vs_greedy']:.2f}x/{v['agreement']:.2f}" for m, v in methods.items() if m != "greedy"
+            )
             parts.append(f"{model}: {best}")
         return "speedup/agreement with greedy: " + "; ".join(parts)
     if name == "cascade":
@@ -525,58 +696,15 @@ def key_results(name: str, result: dict) -> str:
 
 
 # ---- provenance -----------------------------------------------------------------------------------------------------
-def source_digest() -> str:
-    """sha256 over the package, kernel and script sources: identifies the code when no git metadata travels."""
-    digest = hashlib.sha256()
-    files = [p for folder in ("hf_effitrain", "kernels", "scripts") for p in sorted((REPO / folder).rglob("*"))
-             if p.is_file() and p.suffix in (".py", ".toml", ".md") and "__pycache__" not in p.parts]
-    for path in files:
-        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def git_info() -> dict:
-    def git(*args):
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def provenance() -> dict:
-    """The commit of the code: from git, or, where the tree came without git, from the wheelhouse's SOURCE.json when
-    the source digest still matches (the tree is the one the wheelhouse was made from)."""
-    info = {**git_info(), "source_digest": source_digest()}
-    if info["git_commit"] is None:
-        source = REPO / "wheelhouse" / "SOURCE.json"
-        if source.is_file():
-            recorded = json.loads(source.read_text())
-            if recorded.get("source_digest") == info["source_digest"]:
-                info.update(git_commit=recorded.get("git_commit"), git_dirty=recorded.get("git_dirty"),
-                            commit_from="wheelhouse/SOURCE.json (same source digest)")
-            else:
-                info["commit_from"] = "unknown: the sources differ from those wheelhouse/SOURCE.json was written for"
-        else:
-            info["commit_from"] = "unknown: no git metadata and no wheelhouse/SOURCE.json"
-    return info
-
-
 def environment() -> dict:
+    """This command's run record (`bench_common.run_record`: device, date, command, versions, commit, source digest)."""
     import torch
 
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "triton", "transformers", "trl", "datasets", "peft", "accelerate", "kernels", "liger-kernel",
-                    "huggingface-hub", "tokenizers", "hf-effitrain"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    return {"device": device, "cpu_count": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "versions": versions, **provenance()}
+    record = run_record(
+        "cuda" if torch.cuda.is_available() else "cpu",
+        extra_packages=("triton", "kernels", "liger-kernel", "huggingface-hub"),
+    )
+    return {**record, "cpu_count": os.cpu_count()}
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -594,8 +722,13 @@ def plot(summary: dict, path: Path) -> None:
     ax.bar([x - 0.2 for x in xs], estimated, 0.4, label="estimated")
     bars = ax.bar([x + 0.2 for x in xs], measured, 0.4, label="measured")
     for bar, name in zip(bars, names):
-        ax.annotate(summary["parts"][name]["status"], (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            summary["parts"][name]["status"],
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("seconds")
     ax.legend()
@@ -613,22 +746,42 @@ def print_table(rows: list[dict], rates: bool = True) -> None:
     for row in rows:
         measured = row.get("seconds")
         rate = row["estimate_flops"] / measured / 1e12 if measured and rates else None
-        print(f"{row['part']:8s} {row['status']:8s} {row['estimate_s']:6.0f} {row.get('limit_s') or 0:7.0f} "
-              f"{measured or 0:7.0f} {'' if rate is None else f'{rate:8.1f}':>8s}  {row.get('key_results', '')}")
+        print(
+            f"{row['part']:8s} {row['status']:8s} {row['estimate_s']:6.0f} {row.get('limit_s') or 0:7.0f} "
+            f"{measured or 0:7.0f} {'' if rate is None else f'{rate:8.1f}':>8s}  {row.get('key_results', '')}"
+        )
     print("(TFLOP/s: the part's estimated FLOPs over its measured wall time, data preparation included)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", help=f"comma-separated parts ({', '.join(PARTS)}) or 'all'")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds the parts of this command may take together")
-    parser.add_argument("--dry-run", action="store_true", help="every part at a micro size on CPU, outputs in a temp folder")
-    parser.add_argument("--plan", action="store_true", help="print the estimates and the split into commands; run nothing")
-    parser.add_argument("--out-dir", default=None, help="results folder (default scripts/results; dry run: a temp folder)")
-    parser.add_argument("--log-dir", default=None, help="logs of the parts (default runs/gpu_evidence; dry run: <out-dir>/logs)")
-    parser.add_argument("--humaneval", default=None, help="HumanEval.jsonl.gz (default wheelhouse/data/ or ../shared/data/)")
-    parser.add_argument("--cores", type=int, default=None, help="CPU cores the estimates assume (default: this machine's)")
-    parser.add_argument("--source-info", metavar="JSON", help="only write the commit and source digest to JSON and exit")
+    parser.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds the parts of this command may take together"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every part at a micro size on CPU, outputs in a temp folder"
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the estimates and the split into commands; run nothing"
+    )
+    add_common_arguments(
+        parser,
+        output_aliases=("--out-dir",),
+        output_help="results folder (default scripts/results; dry run: a temp folder)",
+    )
+    parser.add_argument(
+        "--log-dir", default=None, help="logs of the parts (default runs/gpu_evidence; dry run: <output>/logs)"
+    )
+    parser.add_argument(
+        "--humaneval", default=None, help="HumanEval.jsonl.gz (default wheelhouse/data/ or ../shared/data/)"
+    )
+    parser.add_argument(
+        "--cores", type=int, default=None, help="CPU cores the estimates assume (default: this machine's)"
+    )
+    parser.add_argument(
+        "--source-info", metavar="JSON", help="only write the commit and source digest to JSON and exit"
+    )
     args = parser.parse_args(argv)
     names = list(PARTS) if args.part == "all" else [p.strip() for p in args.part.split(",") if p.strip()]
     unknown = [n for n in names if n not in PARTS]
@@ -645,15 +798,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.source_info:
-        Path(args.source_info).write_text(json.dumps({**git_info(), "source_digest": source_digest()}, indent=1) + "\n")
+        Path(args.source_info).write_text(
+            json.dumps({**git_state(), "source_digest": source_digest()}, indent=1) + "\n"
+        )
         return 0
     cores = args.cores or os.cpu_count() or 1
     sizer, prepared = CorpusSizer(), set()
     estimates = {name: estimate(PARTS[name], sizer, prepared, cores) for name in args.names}
-    print(f"Estimates (training at {TRAIN_FLOPS_PER_S / 1e12:.0f} TFLOP/s = {TRAIN_FLOPS_PER_S / PEAK_BF16_FLOPS:.0%} of bf16 peak, "
-          f"loss kernels at {KERNEL_FLOPS_PER_S / 1e12:.0f}, {DECODE_FORWARD_S * 1e3:.0f} ms per decoding forward, {cores} cores):")
+    print(
+        f"Estimates (training at {TRAIN_FLOPS_PER_S / 1e12:.0f} TFLOP/s = {TRAIN_FLOPS_PER_S / PEAK_BF16_FLOPS:.0%} of bf16 peak, "
+        f"loss kernels at {KERNEL_FLOPS_PER_S / 1e12:.0f}, {DECODE_FORWARD_S * 1e3:.0f} ms per decoding forward, {cores} cores):"
+    )
     for name, est in estimates.items():
-        print(f"  {name:8s} {est.seconds:6.0f} s  {est.flops:.2e} FLOPs  " + ", ".join(f"{k} {v:.0f}" for k, v in est.parts.items()))
+        print(
+            f"  {name:8s} {est.seconds:6.0f} s  {est.flops:.2e} FLOPs  "
+            + ", ".join(f"{k} {v:.0f}" for k, v in est.parts.items())
+        )
     groups = split_into_commands(args.names, estimates, args.budget_s)
     total = sum(e.seconds for e in estimates.values())
     if args.plan or (len(groups) > 1 and not args.dry_run):
@@ -663,21 +823,40 @@ def main(argv=None) -> int:
             print(f"  bash scripts/gpu_evidence.sh --part {','.join(group)}    # ~{seconds:.0f} s")
         return 0 if args.plan else 2
     if not args.dry_run and estimates[args.names[0]].seconds > args.budget_s:
-        print(f"note: {args.names[0]} is estimated at {estimates[args.names[0]].seconds:.0f} s, over the {args.budget_s:.0f} s budget: "
-              "it runs until the budget ends and is stopped there if it has not finished")
+        print(
+            f"note: {args.names[0]} is estimated at {estimates[args.names[0]].seconds:.0f} s, over the {args.budget_s:.0f} s budget: "
+            "it runs until the budget ends and is stopped there if it has not finished"
+        )
 
     if not args.dry_run and not _cuda_available():
-        print("error: the GPU sizes need a CUDA GPU and none is visible; on a CPU use --dry-run (micro sizes) or --plan")
+        print(
+            "error: the GPU sizes need a CUDA GPU and none is visible; on a CPU use --dry-run (micro sizes) or --plan"
+        )
         return 2
-    out_dir = Path(args.out_dir) if args.out_dir else (Path(tempfile.mkdtemp(prefix="gpu_evidence_dry_")) if args.dry_run else RESULTS)
+    out_dir = (
+        Path(args.output)
+        if args.output
+        else (Path(tempfile.mkdtemp(prefix="gpu_evidence_dry_")) if args.dry_run else RESULTS)
+    )
     log_dir = Path(args.log_dir) if args.log_dir else (out_dir / "logs" if args.dry_run else LOGS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    humaneval = micro_humaneval(out_dir) if args.dry_run else next(
-        (p for p in ([Path(args.humaneval)] if args.humaneval else HUMANEVAL_CANDIDATES) if p.is_file()), None)
+    humaneval = (
+        micro_humaneval(out_dir)
+        if args.dry_run
+        else next(
+            (p for p in ([Path(args.humaneval)] if args.humaneval else HUMANEVAL_CANDIDATES) if p.is_file()), None
+        )
+    )
     if not args.dry_run and "decode" in args.names and humaneval is None:
-        print("warning: no HumanEval.jsonl.gz found (--humaneval): the decode part runs on held-out corpus prompts only")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "EFFI_KERNELS_DIR": str(REPO / "kernels"), "PYTHONUNBUFFERED": "1"}
+        print(
+            "warning: no HumanEval.jsonl.gz found (--humaneval): the decode part runs on held-out corpus prompts only"
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "EFFI_KERNELS_DIR": str(REPO / "kernels"),
+        "PYTHONUNBUFFERED": "1",
+    }
     # nothing is downloaded at run time: offline mode keeps a machine without network from waiting on Hub requests
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env}
     if args.dry_run:
@@ -695,22 +874,37 @@ def main(argv=None) -> int:
 
     summary_path = out_dir / "gpu_evidence.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() and not args.dry_run else {"parts": {}}
-    summary.update(benchmark="GPU evidence: every benchmark at a 9-minute size", environment=environment_info,
-                   assumptions=_assumptions(), dry_run=args.dry_run)
+    summary.update(
+        benchmark="GPU evidence: every benchmark at a 9-minute size",
+        environment=environment_info,
+        assumptions=_assumptions(),
+        dry_run=args.dry_run,
+    )
     for row in rows:
         summary["parts"][row["part"]] = {**row, "environment": environment_info}
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, summary_path.with_suffix(".png"))
-    print(f"\n{environment_info['device']} | torch {environment_info['versions']['torch']} | transformers "
-          f"{environment_info['versions']['transformers']} | commit {environment_info.get('git_commit')} "
-          f"(dirty: {environment_info.get('git_dirty')}) | {environment_info['date']}")
+    print(
+        f"\n{environment_info['device']} | torch {environment_info['versions']['torch']} | transformers "
+        f"{environment_info['versions']['transformers']} | commit {environment_info.get('git_commit')} "
+        f"(dirty: {environment_info.get('git_dirty')}) | {environment_info['date']}"
+    )
     print_table(rows, rates=not args.dry_run)
     print(f"wrote {summary_path} and {summary_path.with_suffix('.png')}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
-def run_part(part: Part, est: Estimate, limit: float, skip: bool, dry: bool, out_dir: Path, log_dir: Path,
-             humaneval: Path | None, env: dict) -> dict:
+def run_part(
+    part: Part,
+    est: Estimate,
+    limit: float,
+    skip: bool,
+    dry: bool,
+    out_dir: Path,
+    log_dir: Path,
+    humaneval: Path | None,
+    env: dict,
+) -> dict:
     """Run one part under `limit` seconds (or record it as skipped) and read its headline numbers.
 
     Returns:
@@ -720,12 +914,22 @@ def run_part(part: Part, est: Estimate, limit: float, skip: bool, dry: bool, out
     tag = "dry" if dry else "gpu"
     stem = out_dir / f"{part.name}_{tag}"
     command = part_command(part, stem, dry, humaneval)
-    row = {"part": part.name, "script": f"scripts/{part.script}", "what": part.what, "estimate_s": round(est.seconds, 1),
-           "estimate_flops": est.flops, "estimate_breakdown_s": est.parts, "limit_s": round(limit, 1),
-           "command": " ".join(["python", *command[1:]]).replace(str(REPO) + "/", ""),
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    row = {
+        "part": part.name,
+        "script": f"scripts/{part.script}",
+        "what": part.what,
+        "estimate_s": round(est.seconds, 1),
+        "estimate_flops": est.flops,
+        "estimate_breakdown_s": est.parts,
+        "limit_s": round(limit, 1),
+        "command": " ".join(["python", *command[1:]]).replace(str(REPO) + "/", ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     if skip:
-        row.update(status="skipped", key_results=f"not started: {limit:.0f} s of the budget left, {est.seconds:.0f} s estimated")
+        row.update(
+            status="skipped",
+            key_results=f"not started: {limit:.0f} s of the budget left, {est.seconds:.0f} s estimated",
+        )
         return row
     print(f"[{part.name}] limit {limit:.0f} s: {row['command']}", flush=True)
     log = log_dir / f"{part.name}_{tag}.log"
@@ -754,11 +958,21 @@ def _relative(path: Path) -> str:
 
 
 def _assumptions() -> dict:
-    return {"peak_bf16_flops": PEAK_BF16_FLOPS, "train_flops_per_s": TRAIN_FLOPS_PER_S, "kernel_flops_per_s": KERNEL_FLOPS_PER_S,
-            "decode_forward_s": DECODE_FORWARD_S, "static_compile_s": STATIC_COMPILE_S, "startup_s": STARTUP_S,
-            "run_overhead_s": RUN_OVERHEAD_S, "triton_compile_s": TRITON_COMPILE_S, "read_chars_per_s": READ_CHARS_PER_S,
-            "tokenize_chars_per_s_per_core": TOKENIZE_CHARS_PER_S_PER_CORE, "sft_chars_per_s": SFT_CHARS_PER_S,
-            "bpe_s": BPE_S, "limit_factor": LIMIT_FACTOR}
+    return {
+        "peak_bf16_flops": PEAK_BF16_FLOPS,
+        "train_flops_per_s": TRAIN_FLOPS_PER_S,
+        "kernel_flops_per_s": KERNEL_FLOPS_PER_S,
+        "decode_forward_s": DECODE_FORWARD_S,
+        "static_compile_s": STATIC_COMPILE_S,
+        "startup_s": STARTUP_S,
+        "run_overhead_s": RUN_OVERHEAD_S,
+        "triton_compile_s": TRITON_COMPILE_S,
+        "read_chars_per_s": READ_CHARS_PER_S,
+        "tokenize_chars_per_s_per_core": TOKENIZE_CHARS_PER_S_PER_CORE,
+        "sft_chars_per_s": SFT_CHARS_PER_S,
+        "bpe_s": BPE_S,
+        "limit_factor": LIMIT_FACTOR,
+    }
 
 
 def _cuda_available() -> bool:

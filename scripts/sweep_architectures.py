@@ -6,23 +6,22 @@ For each type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` it builds a tiny model (`te
 loss against the model's own causal-LM loss. Writes the outcomes with versions, date, command and commit to JSON, and
 prints the README table (`--table`).
 
-    python scripts/sweep_architectures.py --out scripts/results/architecture_sweep.json
+    python scripts/sweep_architectures.py --output scripts/results/architecture_sweep.json
     python scripts/sweep_architectures.py --table scripts/results/architecture_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import platform
 import signal
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from bench_common import add_common_arguments, option_names, run_record
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "sweep"))
@@ -57,13 +56,6 @@ def run_sweep(model_types: list[str], timeout_s: int) -> list[dict]:
         results.append(result)
         print(json.dumps(result), flush=True)
     return results
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return None
 
 
 # substring of a refusal -> the short reason the README table shows
@@ -152,14 +144,21 @@ def _results_of(path: Path) -> tuple[dict | None, list[dict]]:
     return None, [json.loads(line) for line in text.splitlines() if line.startswith('{"model_type"')]
 
 
+def _differing_versions(a: dict, b: dict) -> list[str]:
+    """Packages recorded in both version dicts with different versions (older runs recorded fewer packages)."""
+    return sorted(name for name in a.keys() & b.keys() if a[name] != b[name])
+
+
 def merge(paths: list[Path], out: Path) -> None:
     """One payload from several partial runs of the same code and versions (parallel slices, reruns of a few types)."""
     payload, by_type, commands = None, {}, []
     for path in paths:
         part, results = _results_of(path)
         if part is not None:
-            if payload is not None and part["versions"] != payload["versions"]:
-                raise ValueError(f"{path} ran on {part['versions']}, not {payload['versions']}: merge one version at a time.")
+            if payload is not None and _differing_versions(part["versions"], payload["versions"]):
+                raise ValueError(
+                    f"{path} ran on {part['versions']}, not {payload['versions']}: merge one version at a time."
+                )
             payload = payload or dict(part)
             commands.append(part["command"])
         by_type.update({result["model_type"]: result for result in results})
@@ -167,7 +166,9 @@ def merge(paths: list[Path], out: Path) -> None:
         raise ValueError("--merge needs at least one JSON file written by this script (for versions and date).")
     payload["results"] = [by_type[t] for t in sorted(by_type)]
     payload["summary"] = summary(payload["results"])
-    payload["command"] = f"python scripts/sweep_architectures.py --merge {' '.join(p.name for p in paths)} --out {out.as_posix()}"
+    payload["command"] = (
+        f"python scripts/sweep_architectures.py --merge {' '.join(p.name for p in paths)} --output {out.as_posix()}"
+    )
     payload["slice_commands"] = commands
     out.write_text(json.dumps(payload, indent=1) + "\n")
     print(json.dumps(payload["summary"]))
@@ -175,20 +176,25 @@ def merge(paths: list[Path], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="JSON file to write (default: print only)")
+    add_common_arguments(parser, output_aliases=("--out",), output_help="JSON file to write (default: print only)")
     parser.add_argument("--types", nargs="*", help="model types to check (default: all causal-LM types)")
-    parser.add_argument("--timeout_s", type=int, default=120, help="per-type time limit")
+    parser.add_argument(*option_names("timeout_s"), type=int, default=120, help="per-type time limit in seconds")
     parser.add_argument("--table", nargs="*", type=Path, help="print the README table of these JSON files and exit")
     parser.add_argument(
-        "--merge", nargs="*", type=Path,
-        help="combine the results of these JSON files / run logs (a later file wins per type) into --out and exit",
+        "--merge",
+        nargs="*",
+        type=Path,
+        help="combine the results of these JSON files / run logs (a later file wins per type) into --output and exit",
     )
     args = parser.parse_args(argv)
+    args.output = None if args.output is None else Path(args.output)
     if args.table:
         print(table([json.loads(path.read_text()) for path in args.table]))
         return
     if args.merge:
-        merge(args.merge, args.out)
+        if args.output is None:
+            parser.error("--merge needs --output (the JSON file to write)")
+        merge(args.merge, args.output)
         return
 
     warnings.filterwarnings("ignore")
@@ -201,21 +207,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     model_types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     results = run_sweep(model_types, args.timeout_s)
+    record = run_record("cpu")
     payload = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        **record,
+        "uncommitted_changes": record["git_dirty"],  # the key of earlier results
         "settings": {"dtype": "float32", "attn_implementation": "eager", "new_tokens": 10, "vocab_size": 128},
         "summary": summary(results),
         "results": results,
     }
     print(json.dumps(payload["summary"]))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":

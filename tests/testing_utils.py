@@ -42,10 +42,31 @@ def run_without_package(script: str, cwd: str | os.PathLike, timeout: int = 300)
     """
     code = _BLOCK_PACKAGE + textwrap.dedent(script)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"package-free subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
+def run_script_without_package(
+    script: str | os.PathLike, *args: str, cwd: str | os.PathLike, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run the Python file `script` with `args` as `run_without_package` runs a code string (`__name__ == "__main__"`)."""
+    code = f"import runpy, sys\nsys.argv = {[str(script), *args]!r}\nrunpy.run_path({str(script)!r}, run_name='__main__')\n"
+    return run_without_package(code, cwd=cwd, timeout=timeout)
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def clear_log_once() -> None:
+    """Forget the messages transformers' `warning_once` / `info_once` have already logged in this process, so a test
+    can check that a fallback is reported (once)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging  # noqa: F401  (installs the *_once methods)
+
+    logging.Logger.warning_once.cache_clear()
+    logging.Logger.info_once.cache_clear()

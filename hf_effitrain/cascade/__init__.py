@@ -1,15 +1,14 @@
-"""Cascade-aware training and evaluation: the CAT loss, deferral curves and their plots.
+"""Old home of the cascade-aware training pieces, now `hf_effitrain.methods.cascade` (names forwarded with a
+`FutureWarning`)."""
 
-The model (`CascadeForCausalLM`) and its decoding live in `hf_effitrain.hub` (they ship inside checkpoints); the
-trainer in `hf_effitrain.training.cascade_trainer`.
-"""
+from __future__ import annotations
 
-from .curves import METRICS, DeferralCurve, deferral_curve, forward_flops_per_token, summarize_curves
-from .decoding_curves import DecodedCurve, decoded_curves, plot_decoded_curves
-from .loss import CASES, DEFAULT_PRESET, LOSS_PRESETS, CascadeLossWeights, cascade_aware_loss, resolve_loss_weights, token_cases
-from .plotting import plot_deferral_curves
+from typing import Any
 
-__all__ = [
+from hf_effitrain._moved import forward_moved_name
+
+_NEW_HOME = "hf_effitrain.methods.cascade"
+_NAMES = (
     "CASES",
     "DEFAULT_PRESET",
     "LOSS_PRESETS",
@@ -26,4 +25,8 @@ __all__ = [
     "resolve_loss_weights",
     "summarize_curves",
     "token_cases",
-]
+)
+
+
+def __getattr__(name: str) -> Any:
+    return forward_moved_name(__name__, name, dict.fromkeys(_NAMES, _NEW_HOME))

@@ -14,14 +14,19 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("hf_effitrain.cli.pretrain", "pre-train a causal LM (token- or patch-level) with the stock Trainer"),
-    "generate": ("hf_effitrain.cli.generate", "complete a prompt with a checkpoint, optionally with a decoding strategy"),
+    "generate": (
+        "hf_effitrain.cli.generate",
+        "complete a prompt with a checkpoint, optionally with a decoding strategy",
+    ),
     "push": ("hf_effitrain.cli.push", "upload an exported checkpoint to the Hugging Face Hub"),
     "demo": ("hf_effitrain.cli.demo", "train, export, reload and sample a small model on this machine's Python source"),
     "sft": ("hf_effitrain.cli.sft", "supervised fine-tuning, optionally with Make-Some-Noise input corruption"),
     "cascade-train": ("hf_effitrain.cli.cascade_train", "cascade-aware training of a cascade's small model"),
     "cascade-eval": ("hf_effitrain.cli.cascade_eval", "deferral curves of a small -> large cascade"),
-    "push-kernels": ("hf_effitrain.cli.push_kernels", "upload the package's kernel repositories to the Hub"),
-    "recipe": ("hf_effitrain.cli.recipe", "patch pre-training -> MSN -> cascade-aware training -> exports, in one resumable run"),
+    "recipe": (
+        "hf_effitrain.cli.recipe",
+        "patch pre-training -> MSN -> cascade-aware training -> exports, in one resumable run",
+    ),
 }
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from . import console_main
+from hf_effitrain.cli import console_main
 
 sys.exit(console_main())

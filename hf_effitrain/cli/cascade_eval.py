@@ -7,11 +7,18 @@ import logging
 
 from transformers import HfArgumentParser
 
-from ..cascade.runs import CascadeDataArguments, CascadeEvalArguments, CascadeModelArguments, run_cascade_eval
+from hf_effitrain.methods.cascade.job import (
+    CascadeDataArguments,
+    CascadeEvalArguments,
+    CascadeModelArguments,
+    run_cascade_eval,
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = HfArgumentParser((CascadeModelArguments, CascadeDataArguments, CascadeEvalArguments), prog="effitrain cascade-eval")
+    parser = HfArgumentParser(
+        (CascadeModelArguments, CascadeDataArguments, CascadeEvalArguments), prog="effitrain cascade-eval"
+    )
     model_args, data_args, eval_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(json.dumps(run_cascade_eval(model_args, data_args, eval_args), indent=2, default=str))

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..training.callbacks import TimeBudgetCallback
-from ..training.patch_config import PatchTrainingArguments
-from ..training.pretrain import PretrainArguments, last_complete_checkpoint, run_pretrain
+from hf_effitrain.methods.patch.config import PatchTrainingArguments
+from hf_effitrain.methods.patch.job import PretrainArguments, run_pretrain
+from hf_effitrain.training.callbacks import TimeBudgetCallback
+from hf_effitrain.training.resume import last_complete_checkpoint
+
 from .generate import complete, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,14 +47,17 @@ class DemoArguments:
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
     patch_size: int = field(default=4, metadata={"help": "K of patch-level pre-training (1: token-level only)."})
     patch_fraction: float = field(
-        default=2 / 3, metadata={"help": "lambda: share of the training tokens consumed at patch level (0: token-level only)."}
+        default=2 / 3,
+        metadata={"help": "lambda: share of the training tokens consumed at patch level (0: token-level only)."},
     )
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated for the sample completion."})
     prompt: str = field(default=DEMO_PROMPT, metadata={"help": "Code prompt to complete."})
     resume: bool = field(
         default=True,
-        metadata={"help": "Continue from the newest checkpoint under output_dir when there is one (an interrupted demo "
-                  "picks up where it stopped); --resume false starts over."},
+        metadata={
+            "help": "Continue from the newest checkpoint under output_dir when there is one (an interrupted demo "
+            "picks up where it stopped); --resume false starts over."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -113,7 +118,9 @@ def run_demo(demo: DemoArguments) -> dict:
     resume_from = demo_checkpoint_to_resume(demo)
     if resume_from:
         logger.info("Resuming the demo from %s (pass --resume false to start over).", resume_from)
-    run = run_pretrain(pretrain_args, demo_training_arguments(demo, resume_from), callbacks=(TimeBudgetCallback(demo.time_budget_s),))
+    run = run_pretrain(
+        pretrain_args, demo_training_arguments(demo, resume_from), callbacks=(TimeBudgetCallback(demo.time_budget_s),)
+    )
     tokenizer, model = load_checkpoint(str(export_dir))
     greedy = complete(model, tokenizer, demo.prompt, demo.max_new_tokens)
     tr_jacobi = complete(model, tokenizer, demo.prompt, demo.max_new_tokens, strategy="tr_jacobi")
@@ -121,7 +128,8 @@ def run_demo(demo: DemoArguments) -> dict:
     if patch is not None and patch["stage_reached"] == "patch":
         logger.warning(
             "The time budget stopped training in the patch-level stage (step %d): the model never trained at token level; "
-            "raise --time_budget_s or lower --max_steps.", run["global_step"]
+            "raise --time_budget_s or lower --max_steps.",
+            run["global_step"],
         )
     return {
         "pretraining": patch or "token-level",

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser, TextStreamer
 
-from ..data.tokenizer import load_tokenizer
-from ..training.pretrain import parse_config_overrides
+from hf_effitrain.data.tokenizer import load_tokenizer
+from hf_effitrain.models.presets import parse_config_overrides
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,9 +23,12 @@ class GenerateArguments:
     checkpoint: str = field(metadata={"help": "Exported checkpoint folder (safetensors weights + tokenizer)."})
     prompt: str | None = field(default=None, metadata={"help": "Prompt text; default: read standard input."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate."})
-    strategy: str | None = field(default=None, metadata={"help": "Decoding strategy: jacobi, tr_jacobi, cascade; default plain greedy."})
+    strategy: str | None = field(
+        default=None, metadata={"help": "Decoding strategy: jacobi, tr_jacobi, cascade; default plain greedy."}
+    )
     generate_kwargs: str | None = field(
-        default=None, metadata={"help": "Extra generate() arguments as key=value pairs, e.g. 'num_steps=4,tree_depth=4'."}
+        default=None,
+        metadata={"help": "Extra generate() arguments as key=value pairs, e.g. 'num_steps=4,tree_depth=4'."},
     )
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: one of {sorted(_DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cpu' or 'cuda[:N]'."})
@@ -38,7 +41,9 @@ class GenerateArguments:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         check_device(self.device)
         if self.prompt is not None and not self.prompt:
-            raise ValueError("prompt is empty; give the text to complete (or leave --prompt out to read standard input).")
+            raise ValueError(
+                "prompt is empty; give the text to complete (or leave --prompt out to read standard input)."
+            )
 
 
 def check_device(device: str) -> None:
@@ -49,12 +54,14 @@ def check_device(device: str) -> None:
     if kind == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (index and int(index) >= count):
-            raise ValueError(f"device {device!r} is not available: this machine has {count} CUDA device(s); use 'cpu' or 'auto'.")
+            raise ValueError(
+                f"device {device!r} is not available: this machine has {count} CUDA device(s); use 'cpu' or 'auto'."
+            )
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device: str = "auto"):
     """Tokenizer and model of an exported checkpoint, with its remote code (safetensors weights required)."""
-    from ..export import require_safetensors
+    from hf_effitrain.export import require_safetensors
 
     require_safetensors(path)
     if device == "auto":
@@ -74,9 +81,11 @@ class Completion:
     tokens_per_forward: float | None = None
 
 
-def complete(model, tokenizer, prompt: str, max_new_tokens: int, strategy: str | None = None, streamer=None, **kwargs) -> Completion:
+def complete(
+    model, tokenizer, prompt: str, max_new_tokens: int, strategy: str | None = None, streamer=None, **kwargs
+) -> Completion:
     """Greedy completion of `prompt` (with `strategy` if given), timed, with the strategy's statistics if it has any."""
-    from ..hub.generation_effi import generate
+    from hf_effitrain.hub.generation_effi import generate
 
     encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
     start = time.perf_counter()
@@ -106,7 +115,13 @@ def main(argv: list[str]) -> int:
         raise ValueError("the prompt read from standard input is empty; give the text to complete.")
     streamer = TextStreamer(tokenizer, skip_prompt=True) if args.stream else None
     completion = complete(
-        model, tokenizer, prompt, args.max_new_tokens, args.strategy, streamer, **parse_config_overrides(args.generate_kwargs)
+        model,
+        tokenizer,
+        prompt,
+        args.max_new_tokens,
+        args.strategy,
+        streamer,
+        **parse_config_overrides(args.generate_kwargs),
     )
     if not args.stream:
         print(prompt + completion.text)

@@ -7,7 +7,7 @@ import logging
 
 from transformers import HfArgumentParser
 
-from ..training.pretrain import PretrainArguments, run_pretrain, training_arguments_class
+from hf_effitrain.methods.patch.job import PretrainArguments, run_pretrain, training_arguments_class
 
 
 def main(argv: list[str]) -> int:

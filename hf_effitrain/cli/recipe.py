@@ -7,7 +7,7 @@ import logging
 
 from transformers import HfArgumentParser
 
-from ..training.recipe import RecipeArguments, run_recipe
+from hf_effitrain.training.recipe import RecipeArguments, run_recipe
 
 
 def main(argv: list[str]) -> int:
@@ -16,5 +16,7 @@ def main(argv: list[str]) -> int:
     summary = run_recipe(args)
     print(json.dumps({key: summary[key] for key in ("arguments", "settings")}, indent=2, default=str))
     print(summary["table"])
-    print(f"Summary written to {args.output_dir}/summary.json; exports in {args.output_dir}/export/small and export/cascade")
+    print(
+        f"Summary written to {args.output_dir}/summary.json; exports in {args.output_dir}/export/small and export/cascade"
+    )
     return 0

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from ..hub.retrieval_datastore import DATASTORE_FORMAT, RetrievalDatastore, vocabulary_hash
+from hf_effitrain.hub.retrieval_datastore import DATASTORE_FORMAT, RetrievalDatastore, vocabulary_hash
+
 from .encoding import encode_texts
 
 __all__ = ["build_datastore", "load_datastore", "save_datastore"]
@@ -81,8 +82,13 @@ def save_datastore(datastore: RetrievalDatastore, path: str | os.PathLike) -> Pa
     path.mkdir(parents=True, exist_ok=True)
     np.save(path / "tokens.npy", datastore.tokens.to(torch.int32).numpy(), allow_pickle=False)
     np.save(path / "order.npy", datastore.order.to(torch.int64).numpy(), allow_pickle=False)
-    meta = {"format": DATASTORE_FORMAT, "vocab_size": datastore.vocab_size, "vocab_hash": datastore.vocab_hash,
-            "key_tokens": datastore.key_tokens, "metadata": datastore.metadata}
+    meta = {
+        "format": DATASTORE_FORMAT,
+        "vocab_size": datastore.vocab_size,
+        "vocab_hash": datastore.vocab_hash,
+        "key_tokens": datastore.key_tokens,
+        "metadata": datastore.metadata,
+    }
     (path / "datastore.json").write_text(json.dumps(meta, indent=1))
     return path
 

@@ -23,5 +23,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
             return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
         finally:
             backend.encode_special_tokens = previous
-    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False)
+    encoded = tokenizer(
+        texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False
+    )
     return encoded["input_ids"]

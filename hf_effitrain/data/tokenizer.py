@@ -20,7 +20,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from .cache import cache_root, fingerprint, write_atomically
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "PAD_TOKEN", "SPECIAL_TOKENS", "load_tokenizer", "minimum_vocab_size", "train_tokenizer"]
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "load_tokenizer",
+    "minimum_vocab_size",
+    "train_tokenizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +172,20 @@ def train_tokenizer(
     if use_cache and target.is_dir():
         logger.info("loading cached tokenizer from %s", target)
         return PreTrainedTokenizerFast.from_pretrained(str(target))
-    logger.info("training a byte-level BPE (vocab %d) on %d documents, %d characters", vocab_size, len(texts),
-                sum(map(len, texts)))
+    logger.info(
+        "training a byte-level BPE (vocab %d) on %d documents, %d characters",
+        vocab_size,
+        len(texts),
+        sum(map(len, texts)),
+    )
     tokenizer = _wrap(_train_bpe(texts, vocab_size, min_frequency, show_progress), model_max_length)
     if len(tokenizer) < vocab_size:
-        logger.info("the tokenizer has %d tokens (< %d asked): no more pairs reach min_frequency=%d",
-                    len(tokenizer), vocab_size, min_frequency)
+        logger.info(
+            "the tokenizer has %d tokens (< %d asked): no more pairs reach min_frequency=%d",
+            len(tokenizer),
+            vocab_size,
+            min_frequency,
+        )
     if use_cache:
         write_atomically(target, lambda tmp: tokenizer.save_pretrained(str(tmp)))
         logger.info("saved the tokenizer to %s", target)

@@ -59,7 +59,9 @@ def check_speculative_settings(rule: str, alpha: float, draft_len: int) -> None:
     if isinstance(draft_len, bool) or not isinstance(draft_len, int):
         raise TypeError(f"cascade_draft_len must be an int, got {draft_len!r} ({type(draft_len).__name__}).")
     if draft_len < 1:
-        raise ValueError(f"cascade_draft_len must be a positive int (small-model drafts per large forward), got {draft_len}.")
+        raise ValueError(
+            f"cascade_draft_len must be a positive int (small-model drafts per large forward), got {draft_len}."
+        )
 
 
 def add_speculative_defaults(generation_config):
@@ -97,7 +99,7 @@ class CascadeConfig(PreTrainedConfig):
     'llama'
     ```"""
 
-    model_type = "cascade"
+    model_type = "effi_cascade"  # namespaced: a checkpoint saved as "cascade" still loads (see hf_effitrain.registry)
     sub_configs_defaults = {
         "small": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "large": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
@@ -120,6 +122,9 @@ class CascadeConfig(PreTrainedConfig):
         """The small model's config: the cascade reads and writes tokens through it (vocabulary, cache layout)."""
         return self.small
 
+
+# `save_pretrained` records the class in `auto_map`, so a checkpoint loads with `trust_remote_code=True`.
+CascadeConfig.register_for_auto_class()
 
 __all__ = [
     "CascadeConfig",

@@ -19,11 +19,15 @@ def _as_per_block(value, num_blocks: int, name: str, integer: bool) -> list:
     """Split a scalar total evenly over `num_blocks`, or check that a list has one entry per block."""
     if isinstance(value, (list, tuple)):
         if len(value) != num_blocks:
-            raise ValueError(f"`{name}` has {len(value)} entries but the model has num_shared_blocks={num_blocks}; give one per block or a single total.")
+            raise ValueError(
+                f"`{name}` has {len(value)} entries but the model has num_shared_blocks={num_blocks}; give one per block or a single total."
+            )
         return list(value)
     if integer:
         if value % num_blocks != 0:
-            raise ValueError(f"`{name}`={value} (a total over all shared blocks) is not divisible by num_shared_blocks={num_blocks}; give a list with one value per block.")
+            raise ValueError(
+                f"`{name}`={value} (a total over all shared blocks) is not divisible by num_shared_blocks={num_blocks}; give a list with one value per block."
+            )
         return [value // num_blocks] * num_blocks
     return [value / num_blocks] * num_blocks
 
@@ -35,7 +39,9 @@ def resolve_block_steps(num_steps, num_blocks: int, name: str = "num_steps") -> 
     steps = _as_per_block(num_steps, num_blocks, name, integer=True)
     for value in steps:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must give every shared block an integer number of steps >= 1, got {num_steps!r}.")
+            raise ValueError(
+                f"`{name}` must give every shared block an integer number of steps >= 1, got {num_steps!r}."
+            )
     return steps
 
 
@@ -128,7 +134,9 @@ class OdeSharedConfig(PreTrainedConfig):
     1
     ```"""
 
-    model_type = "ode_shared"
+    model_type = (
+        "effi_ode_shared"  # namespaced: a checkpoint saved as "ode_shared" still loads (see hf_effitrain.registry)
+    )
     keys_to_ignore_at_inference = ["past_key_values"]
     base_model_tp_plan = {
         "*.self_attn.q_proj": "colwise",
@@ -219,7 +227,9 @@ class OdeSharedConfig(PreTrainedConfig):
             if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
                 raise ValueError(f"`ode_interval` must be positive for every shared block, got {self.ode_interval!r}.")
         if self.train_step_schedule not in TRAIN_STEP_SCHEDULES:
-            raise ValueError(f"Unknown train_step_schedule {self.train_step_schedule!r}; valid schedules are {list(TRAIN_STEP_SCHEDULES)}.")
+            raise ValueError(
+                f"Unknown train_step_schedule {self.train_step_schedule!r}; valid schedules are {list(TRAIN_STEP_SCHEDULES)}."
+            )
         if self.train_num_steps is not None:
             resolve_block_steps(self.train_num_steps, self.num_shared_blocks, "train_num_steps")
         for choice in self.step_choices():
@@ -230,7 +240,9 @@ class OdeSharedConfig(PreTrainedConfig):
         if isinstance(self.step_embedding_dim, bool) or self.step_embedding_dim < 2 or self.step_embedding_dim % 2:
             raise ValueError(f"`step_embedding_dim` must be an even integer >= 2, got {self.step_embedding_dim!r}.")
         if isinstance(self.consistency_weight, bool) or not self.consistency_weight >= 0:
-            raise ValueError(f"`consistency_weight` must be a number >= 0 (0 switches the term off), got {self.consistency_weight!r}.")
+            raise ValueError(
+                f"`consistency_weight` must be a number >= 0 (0 switches the term off), got {self.consistency_weight!r}."
+            )
         if isinstance(self.consistency_samples, bool) or self.consistency_samples < 1:
             raise ValueError(f"`consistency_samples` must be an integer >= 1, got {self.consistency_samples!r}.")
 
@@ -250,8 +262,15 @@ class OdeSharedConfig(PreTrainedConfig):
             return list(self.train_num_steps_choices)
         if not isinstance(self.num_steps, int):
             return [self.num_steps]
-        choices = [self.num_steps // d for d in (1, 2, 4) if self.num_steps // d >= 1 and (self.num_steps // d) % self.num_shared_blocks == 0]
+        choices = [
+            self.num_steps // d
+            for d in (1, 2, 4)
+            if self.num_steps // d >= 1 and (self.num_steps // d) % self.num_shared_blocks == 0
+        ]
         return list(dict.fromkeys(choices))
 
+
+# `save_pretrained` records the class in `auto_map`, so a checkpoint loads with `trust_remote_code=True`.
+OdeSharedConfig.register_for_auto_class()
 
 __all__ = ["OdeSharedConfig", "SOLVERS", "TRAIN_STEP_SCHEDULES", "resolve_block_steps"]

@@ -108,7 +108,11 @@ def _cascade_member_refusal(model) -> str | None:
         return _OWN_CACHE_TYPES[_model_type(model)]
     stateful = getattr(model, "_is_stateful", False)
     if not _takes_a_cache(model):
-        return "keeps its recurrent state in a cache of its own, not a DynamicCache" if stateful else "keeps no KV cache (its forward takes none)"
+        return (
+            "keeps its recurrent state in a cache of its own, not a DynamicCache"
+            if stateful
+            else "keeps no KV cache (its forward takes none)"
+        )
     if not _supports_dynamic_cache(model):
         return "uses its own cache class instead of a DynamicCache"
     config = getattr(model, "config", None)

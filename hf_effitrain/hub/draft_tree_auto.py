@@ -259,7 +259,9 @@ def select_tree(
         return StepTree([], [])
     # per row: candidate indices sorted by calibrated probability, split into the shared group and retrieval branches
     probs = [[stats.estimate(c.kind, d, c.confidence) for c in row] for d, row in enumerate(rows, start=1)]
-    shared = [sorted((j for j, c in enumerate(row) if c.branch < 0), key=lambda j, p=p: -p[j]) for row, p in zip(rows, probs)]
+    shared = [
+        sorted((j for j, c in enumerate(row) if c.branch < 0), key=lambda j, p=p: -p[j]) for row, p in zip(rows, probs)
+    ]
     by_branch = [{c.branch: j for j, c in enumerate(row) if c.branch >= 0} for row in rows]
     root_order = sorted(range(len(rows[0])), key=lambda j: -probs[0][j])
 

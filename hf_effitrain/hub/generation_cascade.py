@@ -28,7 +28,13 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .cascade_rules import generated_mask, sequence_scores, token_logprobs
 from .configuration_cascade import check_deferral_settings
 from .decoding_support import check_cascade_member
-from .transformers_compat import cache_from_model_kwargs, cache_param_name, output_cache, pad_token_tensor, supports_logits_to_keep
+from .transformers_compat import (
+    cache_from_model_kwargs,
+    cache_param_name,
+    output_cache,
+    pad_token_tensor,
+    supports_logits_to_keep,
+)
 
 _CASCADE_KWARGS = ("deferral", "rule", "threshold", "quantile")
 
@@ -149,7 +155,9 @@ class _Member:
             kwargs["position_ids"] = position_ids
         if self.use_logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        inputs = self.model.prepare_inputs_for_generation(input_ids, next_sequence_length=n_new, is_first_iteration=seen == 0, **kwargs)
+        inputs = self.model.prepare_inputs_for_generation(
+            input_ids, next_sequence_length=n_new, is_first_iteration=seen == 0, **kwargs
+        )
         outputs = self.model(**inputs, return_dict=True)
         self.cache = output_cache(outputs)
         self.forwards += 1
@@ -218,11 +226,15 @@ def _token_cascade(model, input_ids, config, kwargs, threshold):
         return input_ids
 
     # the loop needs the small model's cache whatever `use_cache` its config holds (training may save use_cache=False)
-    sequences = model.small.generate(input_ids, generation_config=config, custom_generate=_loop, **{**kwargs, "use_cache": True})
+    sequences = model.small.generate(
+        input_ids, generation_config=config, custom_generate=_loop, **{**kwargs, "use_cache": True}
+    )
     return sequences, result
 
 
-def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+def cascade_generate(
+    model, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+):
     """Generate with the cascade `model` (a `CascadeForCausalLM`): `model.generate(strategy="cascade", ...)`.
 
     Args:
@@ -260,7 +272,9 @@ def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_c
     if inputs is None:
         inputs = kwargs.pop("input_ids", None)
     if inputs is None:
-        raise ValueError("strategy='cascade' needs prompt ids: pass `inputs` (or `input_ids`) of shape (batch, prompt_len).")
+        raise ValueError(
+            "strategy='cascade' needs prompt ids: pass `inputs` (or `input_ids`) of shape (batch, prompt_len)."
+        )
     config = _member_generation_config(generation_config, model)
     kwargs = config.update(**kwargs)  # generation settings go into the config, the rest are model inputs
     return_dict = bool(config.return_dict_in_generate)
@@ -277,7 +291,9 @@ def cascade_generate(model, inputs: torch.LongTensor | None = None, generation_c
 
     prompt_len = inputs.shape[1]
     if deferral == "sequence":
-        sequences, deferred, scores, emitted, from_large = _sequence_cascade(model, inputs, config, kwargs, rule, threshold, quantile)
+        sequences, deferred, scores, emitted, from_large = _sequence_cascade(
+            model, inputs, config, kwargs, rule, threshold, quantile
+        )
         share = float(deferred.float().mean()) if deferred.numel() else 0.0
         large_tokens = None
     else:

@@ -38,7 +38,9 @@ def resolve_strategy(name: str) -> Callable[..., Any]:
     return STRATEGIES[name]
 
 
-def select_strategy(model, strategy: str | None = None, generation_config=None, custom_generate=None) -> Callable[..., Any] | None:
+def select_strategy(
+    model, strategy: str | None = None, generation_config=None, custom_generate=None
+) -> Callable[..., Any] | None:
     """The one rule every entry point follows to pick a decoding strategy: its function, or None for plain `generate`.
 
     In order: an explicit `strategy`; else the `strategy` entry of the passed `generation_config`; else that of the

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import logging
 import random
 import time
 from dataclasses import dataclass
@@ -42,9 +41,18 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import GenerationMixin
-from transformers.generation.logits_process import SynthIDTextWatermarkLogitsProcessor, UnbatchedClassifierFreeGuidanceLogitsProcessor
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import (
+    SynthIDTextWatermarkLogitsProcessor,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 from .decoding_support import check_decoding_support
 from .draft_tree_auto import AcceptanceStats, Cell, StepTree, forward_cost, select_tree, static_step_tree
@@ -68,7 +76,7 @@ __all__ = [
     "tr_jacobi_generate",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # GenerationConfig entries read by the two strategies (a call's keyword argument wins over the config's value).
 STRATEGY_DEFAULTS: dict[str, int | str] = {
@@ -83,7 +91,10 @@ STRATEGY_DEFAULTS: dict[str, int | str] = {
     "datastore_branches": 2,  # branches from a `datastore=` (auto tree; the static tree uses the suffix one)
     "draft_seed": 0,  # seed of the history-sampled filler drafts (any value gives the same output)
 }
-TREES = {"auto": "sized per step for this device and the running acceptance", "msn": "the MSN paper's static 69-node tree"}
+TREES = {
+    "auto": "sized per step for this device and the running acceptance",
+    "msn": "the MSN paper's static 69-node tree",
+}
 _NON_NEGATIVE = {"draft_seed", "tree_budget", "retrieval_branches", "datastore_branches"}
 # Devices where nothing runs asynchronously, so a second device-to-host read costs nothing: the top-k is then computed
 # only for the rows that seed the next step (CPU argmax/topk over all of a 69-token tree's rows costs ~5 ms here).
@@ -162,7 +173,9 @@ def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str
     if kwargs.get("custom_generate") is not None:
         raise ValueError(f"`custom_generate` cannot be combined with strategy {strategy!r}.")
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-        raise ValueError(f"Strategy {strategy!r} is its own drafter: drop `assistant_model` / `prompt_lookup_num_tokens`.")
+        raise ValueError(
+            f"Strategy {strategy!r} is its own drafter: drop `assistant_model` / `prompt_lookup_num_tokens`."
+        )
     if kwargs.get("do_sample"):
         raise ValueError(f"Strategy {strategy!r} is greedy only (exact greedy decoding); got do_sample=True.")
     streamer = kwargs.pop("streamer", None)
@@ -174,12 +187,22 @@ def _run(model, inputs, generation_config, kwargs: dict[str, Any], strategy: str
 
     def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
         return _decode_loop(
-            model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs,
-            strategy=strategy, plan=plan, seed=seed, streamer=streamer,
+            model,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
+            strategy=strategy,
+            plan=plan,
+            seed=seed,
+            streamer=streamer,
         )
 
     # `GenerationMixin.generate` directly: the model's own `generate` may be a strategy dispatcher (recursion).
-    return GenerationMixin.generate(model, inputs, generation_config=generation_config, custom_generate=loop, streamer=streamer, **kwargs)
+    return GenerationMixin.generate(
+        model, inputs, generation_config=generation_config, custom_generate=loop, streamer=streamer, **kwargs
+    )
 
 
 def _move_stop_strings_to_criteria(model, generation_config, kwargs: dict[str, Any]):
@@ -208,13 +231,17 @@ def _move_stop_strings_to_criteria(model, generation_config, kwargs: dict[str, A
     if from_model is not None:
         kwargs["stop_strings"] = None  # `generate` would fill a missing value in from the model's generation config
     criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
-    if not any(type(criterion) is StopStringCriteria for criterion in criteria):  # a user's own one wins, as in generate
+    if not any(
+        type(criterion) is StopStringCriteria for criterion in criteria
+    ):  # a user's own one wins, as in generate
         criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
     kwargs["stopping_criteria"] = criteria
     return generation_config
 
 
-def jacobi_generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+def jacobi_generate(
+    model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+):
     """Exact greedy Jacobi decoding: the current token + `jacobi_draft_len` drafts per forward.
 
     Args:
@@ -232,7 +259,9 @@ def jacobi_generate(model, inputs: torch.Tensor | None = None, generation_config
     return _run(model, inputs, generation_config, kwargs, "jacobi", plan, params["draft_seed"])
 
 
-def tr_jacobi_generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+def tr_jacobi_generate(
+    model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+):
     """Exact greedy TR-Jacobi decoding: one forward over a draft tree per step (see the module docstring).
 
     Args:
@@ -250,8 +279,17 @@ def tr_jacobi_generate(model, inputs: torch.Tensor | None = None, generation_con
         ValueError: for an unknown `tree`, a negative budget, a datastore from another vocabulary, or a model whose
             attention cannot take a tree mask.
     """
-    names = ("tree", "tree_budget", "tree_depth", "tree_top_k", "retrieval_ngram_size", "retrieval_length", "retrieval_branches",
-             "datastore_branches", "draft_seed")
+    names = (
+        "tree",
+        "tree_budget",
+        "tree_depth",
+        "tree_top_k",
+        "retrieval_ngram_size",
+        "retrieval_length",
+        "retrieval_branches",
+        "datastore_branches",
+        "draft_seed",
+    )
     params = _resolve_params(model, generation_config, kwargs, names)
     datastore = _resolve_datastore(model, kwargs.pop("datastore", None), kwargs.get("tokenizer"))
     check_decoding_support(model, "tr_jacobi")  # the architecture's own reason first, before signature checks
@@ -263,16 +301,26 @@ def tr_jacobi_generate(model, inputs: torch.Tensor | None = None, generation_con
         )
     forward_args = inspect.signature(model.forward).parameters
     if "attention_mask" not in forward_args or "position_ids" not in forward_args:
-        raise ValueError(f"tr_jacobi needs a model whose forward takes `attention_mask` and `position_ids`; {type(model).__name__} does not.")
+        raise ValueError(
+            f"tr_jacobi needs a model whose forward takes `attention_mask` and `position_ids`; {type(model).__name__} does not."
+        )
     depth, top_k, length = params["tree_depth"], params["tree_top_k"], params["retrieval_length"]
     common = dict(top_k=top_k, depth=depth, ngram=params["retrieval_ngram_size"], retrieval_length=length)
     if params["tree"] == "msn":
         if datastore is not None:
-            raise ValueError("`datastore` drafts go into the auto tree; use tree='auto' (the static 'msn' tree has one suffix branch).")
+            raise ValueError(
+                "`datastore` drafts go into the auto tree; use tree='auto' (the static 'msn' tree has one suffix branch)."
+            )
         plan = _TreePlan("msn", suffix_branches=1, nodes=tr_jacobi_nodes(depth, top_k, length), **common)
     else:
-        plan = _TreePlan("auto", suffix_branches=params["retrieval_branches"], store_branches=params["datastore_branches"] if datastore is not None else 0,
-                         budget=params["tree_budget"], datastore=datastore, **common)
+        plan = _TreePlan(
+            "auto",
+            suffix_branches=params["retrieval_branches"],
+            store_branches=params["datastore_branches"] if datastore is not None else 0,
+            budget=params["tree_budget"],
+            datastore=datastore,
+            **common,
+        )
     return _run(model, inputs, generation_config, kwargs, "tr_jacobi", plan, params["draft_seed"])
 
 
@@ -283,10 +331,16 @@ def _resolve_datastore(model, datastore: Any, tokenizer: Any) -> RetrievalDatast
     if isinstance(datastore, (str, Path)):
         datastore = RetrievalDatastore.load(datastore)
     if not isinstance(datastore, RetrievalDatastore):
-        raise TypeError(f"`datastore` must be a RetrievalDatastore or the folder of a saved one, got {type(datastore).__name__}.")
+        raise TypeError(
+            f"`datastore` must be a RetrievalDatastore or the folder of a saved one, got {type(datastore).__name__}."
+        )
     if tokenizer is not None:
         datastore.check_tokenizer(tokenizer)
-    datastore.check_model(model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else model.config.vocab_size)
+    datastore.check_model(
+        model.get_output_embeddings().weight.shape[0]
+        if model.get_output_embeddings() is not None
+        else model.config.vocab_size
+    )
     return datastore
 
 
@@ -351,8 +405,14 @@ def _check_cache(cache, strategy: str, max_length: int, model, offset: int = 0) 
         )
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            raise ValueError(f"Strategy {strategy!r} cannot roll back cache layers of type {type(layer).__name__} ({type(model).__name__}).")
-        if strategy == "tr_jacobi" and isinstance(layer, DynamicSlidingWindowLayer) and offset + max_length > layer.sliding_window:
+            raise ValueError(
+                f"Strategy {strategy!r} cannot roll back cache layers of type {type(layer).__name__} ({type(model).__name__})."
+            )
+        if (
+            strategy == "tr_jacobi"
+            and isinstance(layer, DynamicSlidingWindowLayer)
+            and offset + max_length > layer.sliding_window
+        ):
             embeds = f" + {offset} `inputs_embeds` positions" if offset else ""
             raise ValueError(
                 f"tr_jacobi's tree mask covers full attention only; {type(model).__name__} has a sliding window of "
@@ -376,7 +436,9 @@ def _compact_cache(cache: DynamicCache, start: int, source: list[int], remove: i
     cache.crop(-remove)  # also with remove == 0: sliding-window layers then drop what they no longer need
 
 
-def _process_scores(logits_processor, sequence: torch.Tensor, tokens: torch.Tensor, tree: StepTree, logits: torch.Tensor) -> torch.Tensor:
+def _process_scores(
+    logits_processor, sequence: torch.Tensor, tokens: torch.Tensor, tree: StepTree, logits: torch.Tensor
+) -> torch.Tensor:
     """Apply the logits processors to every node's logits with the node's own prefix, as `_sample` would (slow path)."""
     if not len(logits_processor):
         return logits
@@ -439,13 +501,23 @@ class _Drafts:
         length = min(plan.retrieval_length, depth)
         branches = []
         if self.suffix is not None:
-            branches += [(tokens, confidences, "suffix") for tokens, confidences in self.suffix.propose(plan.suffix_branches, length)]
+            branches += [
+                (tokens, confidences, "suffix")
+                for tokens, confidences in self.suffix.propose(plan.suffix_branches, length)
+            ]
         if plan.datastore is not None and plan.store_branches:
-            branches += [(tokens, confidences, "store") for tokens, confidences in plan.datastore.propose(self.history, plan.store_branches, length)]
+            branches += [
+                (tokens, confidences, "store")
+                for tokens, confidences in plan.datastore.propose(self.history, plan.store_branches, length)
+            ]
         if static:  # the static tree's retrieval column: the first branch, filler where it is shorter
             tokens, confidences, kind = branches[0] if branches else ([], [], "fill")
             for d in range(length):
-                cell = Cell(tokens[d], kind, confidences[d], 0) if d < len(tokens) else Cell(self.rng.choice(self.history), "fill", 0.0, 0)
+                cell = (
+                    Cell(tokens[d], kind, confidences[d], 0)
+                    if d < len(tokens)
+                    else Cell(self.rng.choice(self.history), "fill", 0.0, 0)
+                )
                 rows[d].append(cell)
             return rows
         for b, (tokens, confidences, kind) in enumerate(branches):
@@ -464,7 +536,9 @@ class _StepInputs:
     masked; each step writes only its `n x n` block and clears it afterwards) and the causal 2D mask for chains.
     Nothing per step grows with the prompt."""
 
-    def __init__(self, max_nodes: int, total: int, prompt_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, max_nodes: int, total: int, prompt_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    ):
         self.min = torch.finfo(dtype).min
         self.bias = torch.zeros(max_nodes, total, dtype=dtype, device=device)
         self.mask_2d = None
@@ -504,19 +578,35 @@ class _StepInputs:
 def _tree_tensors(tree: StepTree, tokens: list[int], position: int, device: torch.device):
     """Tokens, position ids and visible (query, key) pairs of `tree`, in ONE host-to-device copy."""
     n = tree.size
-    packed = torch.tensor(tokens + [position + d for d in tree.depth] + tree.visible_rows + tree.visible_cols, device=device)
+    packed = torch.tensor(
+        tokens + [position + d for d in tree.depth] + tree.visible_rows + tree.visible_cols, device=device
+    )
     pairs = len(tree.visible_rows)
     return packed[:n], packed[n : 2 * n], packed[2 * n :].view(2, pairs)
 
 
-def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, *, strategy, plan: _TreePlan, seed, streamer):
+def _decode_loop(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    model_kwargs,
+    *,
+    strategy,
+    plan: _TreePlan,
+    seed,
+    streamer,
+):
     if generation_config.do_sample or generation_config.num_beams != 1:
         raise ValueError(
             f"Strategy {strategy!r} is exact greedy decoding; got do_sample={generation_config.do_sample}, "
             f"num_beams={generation_config.num_beams}. Use strategy='plain' for sampling or beam search."
         )
     if input_ids.shape[0] != 1:
-        raise ValueError(f"Strategy {strategy!r} supports batch size 1 only, got a batch of {input_ids.shape[0]} (num_return_sequences included).")
+        raise ValueError(
+            f"Strategy {strategy!r} supports batch size 1 only, got a batch of {input_ids.shape[0]} (num_return_sequences included)."
+        )
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise ValueError(f"Strategy {strategy!r} does not return attentions or hidden states.")
     if not model_kwargs.get("use_cache", True):
@@ -561,7 +651,9 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
 
     # Positions and the prompt's padding continue from what transformers prepared (left padding in a batch-1 mask).
     position = int(model_kwargs["position_ids"][0, -1]) if model_kwargs.get("position_ids") is not None else cache_len
-    inputs = _StepInputs(plan.max_nodes, offset + stopper.max_length + plan.max_nodes, model_kwargs.get("attention_mask"), dtype, device)
+    inputs = _StepInputs(
+        plan.max_nodes, offset + stopper.max_length + plan.max_nodes, model_kwargs.get("attention_mask"), dtype, device
+    )
     drafts = _Drafts(plan, input_ids[0].tolist() + first.tolist(), seed)
     static_trees: dict[int, StepTree] = {}
     stats = AcceptanceStats() if plan.mode == "auto" else None
@@ -570,10 +662,17 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
     split_sync = device.type in _SPLIT_SYNC_DEVICES
 
     if plan.mode == "auto" and plan.budget and not done:
+
         def run(n: int) -> None:  # one forward of n tokens with a tree-shaped mask, rolled back
             ids = buffer[:, :n] if n <= length else buffer[:, :1].expand(1, n)
             pos = torch.arange(position, position + n, device=device)[None]
-            model(input_ids=ids, position_ids=pos, attention_mask=inputs.chain_mask(n, cache_len), **forward_kwargs, **{cache_kwarg: cache})
+            model(
+                input_ids=ids,
+                position_ids=pos,
+                attention_mask=inputs.chain_mask(n, cache_len),
+                **forward_kwargs,
+                **{cache_kwarg: cache},
+            )
             inputs.clear()
             cache.crop(-n)
 
@@ -598,7 +697,13 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
         # 2. One forward over the current token and all drafts.
         mask = inputs.mask(tree, cache_len, None if tree.chain else visible)
         forward_start = time.perf_counter()
-        out = model(input_ids=tokens[None], position_ids=position_ids[None], attention_mask=mask, **forward_kwargs, **{cache_kwarg: cache})
+        out = model(
+            input_ids=tokens[None],
+            position_ids=position_ids[None],
+            attention_mask=mask,
+            **forward_kwargs,
+            **{cache_kwarg: cache},
+        )
         inputs.clear()
         logits = out.logits[0].to(dtype=torch.float32, device=device)
         sequence = buffer[:, :length]
@@ -669,7 +774,9 @@ def _decode_loop(model, input_ids, logits_processor, stopping_criteria, generati
     sequence = buffer[:, :length]
     num_forwards = len(accepted_lengths)
     new = sum(accepted_lengths)
-    logger.info("%s: %d new tokens in %d forwards (%.2f tokens per forward)", strategy, new, num_forwards, new / num_forwards)
+    logger.info(
+        "%s: %d new tokens in %d forwards (%.2f tokens per forward)", strategy, new, num_forwards, new / num_forwards
+    )
     if want_dict:
         return JacobiGenerateOutput(
             sequences=sequence,

@@ -16,10 +16,21 @@ __all__ = ["DEFAULT_TREE", "chain_nodes", "tr_jacobi_nodes"]
 # The TR-Jacobi template: 63 top-k nodes shaped like the MSN paper's (depth histogram of the top-k part
 # {1: 10, 2: 28, 3: 23, 4: 2}); with the 5-node retrieval chain added it has 68 draft nodes + the root = 69 tokens.
 _DEPTH1 = [(c,) for c in range(10)]
-_DEPTH2 = [(p, c) for p, width in ((0, 10), (1, 6), (2, 4), (3, 3), (4, 2), (5, 1), (6, 1), (7, 1)) for c in range(width)]
+_DEPTH2 = [
+    (p, c) for p, width in ((0, 10), (1, 6), (2, 4), (3, 3), (4, 2), (5, 1), (6, 1), (7, 1)) for c in range(width)
+]
 _DEPTH3 = [
     (*p, c)
-    for p, width in (((0, 0), 8), ((0, 1), 4), ((1, 0), 4), ((0, 2), 2), ((2, 0), 2), ((1, 1), 1), ((0, 3), 1), ((3, 0), 1))
+    for p, width in (
+        ((0, 0), 8),
+        ((0, 1), 4),
+        ((1, 0), 4),
+        ((0, 2), 2),
+        ((2, 0), 2),
+        ((1, 1), 1),
+        ((0, 3), 1),
+        ((3, 0), 1),
+    )
     for c in range(width)
 ]
 _DEPTH4 = [(0, 0, 0, 0), (0, 0, 0, 1)]

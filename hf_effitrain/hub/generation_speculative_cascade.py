@@ -74,7 +74,9 @@ class SpeculativeCascadeOutput(GenerateDecoderOnlyOutput):
     accepted_lengths: list[int] | None = None
 
 
-def trust_small(rule: str, alpha: float, small_scores: torch.Tensor, large_scores: torch.Tensor | None) -> torch.BoolTensor:
+def trust_small(
+    rule: str, alpha: float, small_scores: torch.Tensor, large_scores: torch.Tensor | None
+) -> torch.BoolTensor:
     """Where the rule trusts the small model: `(positions, vocab)` processed scores of each member -> `(positions,)`.
 
     Probabilities are taken in float64 (masked `-inf` scores get probability 0). `"chow"` compares the small model's
@@ -118,7 +120,16 @@ def _process(logits_processor, ids: torch.LongTensor, logits: torch.Tensor, star
     return torch.cat([logits_processor(ids[:, : start + i], logits[i : i + 1]) for i in range(logits.shape[0])], dim=0)
 
 
-def _round(small: _Member, large: _Member, sequence, context: _Context, logits_processor, rule: str, alpha: float, draft_len: int):
+def _round(
+    small: _Member,
+    large: _Member,
+    sequence,
+    context: _Context,
+    logits_processor,
+    rule: str,
+    alpha: float,
+    draft_len: int,
+):
     """One draft / verify round: (new tokens, from-small flags, accepted drafts)."""
     n = sequence.shape[1]
     ids = sequence
@@ -140,7 +151,9 @@ def _round(small: _Member, large: _Member, sequence, context: _Context, logits_p
         trusted = trust_small(rule, alpha, small_scores, large_scores[:draft_len])
     if drafts:  # 3. accept up to the first draft that differs from its target
         draft_tensor = torch.tensor(drafts, device=small_scores.device)
-        targets = torch.where(trusted, draft_tensor, large_scores[:draft_len].argmax(-1) if large_scores is not None else draft_tensor)
+        targets = torch.where(
+            trusted, draft_tensor, large_scores[:draft_len].argmax(-1) if large_scores is not None else draft_tensor
+        )
         n_accepted = int((targets == draft_tensor).long().cumprod(0).sum())
         flags = trusted.tolist()
         if n_accepted < draft_len:
@@ -168,18 +181,37 @@ def _check_loop_inputs(generation_config, input_ids, model_kwargs, logits_proces
             "Use strategy='cascade' with deferral='sequence' to sample with the members."
         )
     if input_ids.shape[0] != 1:
-        raise ValueError(f"Strategy {STRATEGY!r} supports batch size 1 only, got a batch of {input_ids.shape[0]} (num_return_sequences included).")
-    if generation_config.output_attentions or generation_config.output_hidden_states or generation_config.output_scores or generation_config.output_logits:
+        raise ValueError(
+            f"Strategy {STRATEGY!r} supports batch size 1 only, got a batch of {input_ids.shape[0]} (num_return_sequences included)."
+        )
+    if (
+        generation_config.output_attentions
+        or generation_config.output_hidden_states
+        or generation_config.output_scores
+        or generation_config.output_logits
+    ):
         raise ValueError(
             f"Strategy {STRATEGY!r} does not return scores, logits, attentions or hidden states (each token may come "
             "from either member); drop output_scores / output_logits / output_attentions / output_hidden_states."
         )
     if model_kwargs.get("inputs_embeds") is not None:
-        raise ValueError(f"Strategy {STRATEGY!r} needs prompt ids: the large model cannot read the small model's `inputs_embeds`.")
+        raise ValueError(
+            f"Strategy {STRATEGY!r} needs prompt ids: the large model cannot read the small model's `inputs_embeds`."
+        )
     refuse_stateful_processors(logits_processor, STRATEGY, "drafts are scored and rolled back")
 
 
-def _decode_loop(cascade, small_model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, params, streamer):
+def _decode_loop(
+    cascade,
+    small_model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    model_kwargs,
+    params,
+    streamer,
+):
     _check_loop_inputs(generation_config, input_ids, model_kwargs, logits_processor)
     context = _Context(model_kwargs.pop("attention_mask", None), model_kwargs.pop("position_ids", None))
     small_cache = cache_from_model_kwargs(model_kwargs)
@@ -195,7 +227,9 @@ def _decode_loop(cascade, small_model, input_ids, logits_processor, stopping_cri
     sequence, from_small, accepted_lengths, done = input_ids, [], [], False
     while not done:
         room = stopper.max_length - sequence.shape[1]  # a round emits at most drafts + 1 tokens
-        tokens, flags, n_accepted = _round(small, large, sequence, context, logits_processor, rule, alpha, max(0, min(draft_len, room - 1)))
+        tokens, flags, n_accepted = _round(
+            small, large, sequence, context, logits_processor, rule, alpha, max(0, min(draft_len, room - 1))
+        )
         kept, done = stopper.keep(sequence, tokens, None)
         valid = sequence.shape[1] + min(n_accepted, kept)  # cached positions whose token was committed
         sequence = torch.cat([sequence, sequence.new_tensor([tokens[:kept]])], dim=1)
@@ -255,7 +289,9 @@ def _resolve_params(model, generation_config, kwargs: dict[str, Any]) -> dict[st
     return params
 
 
-def speculative_cascade_generate(model, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
+def speculative_cascade_generate(
+    model, inputs: torch.LongTensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+):
     """Generate with the cascade `model` as a speculative cascade: `model.generate(strategy="speculative_cascade", ...)`.
 
     Args:
@@ -299,7 +335,9 @@ def speculative_cascade_generate(model, inputs: torch.LongTensor | None = None, 
     if inputs is None:
         inputs = kwargs.pop("input_ids", None)
     if inputs is None:
-        raise ValueError(f"strategy={STRATEGY!r} needs prompt ids: pass `inputs` (or `input_ids`) of shape (1, prompt_len).")
+        raise ValueError(
+            f"strategy={STRATEGY!r} needs prompt ids: pass `inputs` (or `input_ids`) of shape (1, prompt_len)."
+        )
     config = _member_generation_config(generation_config, model)
     for name in SPECULATIVE_DEFAULTS:
         config.__dict__.pop(name, None)
@@ -307,9 +345,21 @@ def speculative_cascade_generate(model, inputs: torch.LongTensor | None = None, 
     config = _move_stop_strings_to_criteria(model.small, config, kwargs)
 
     def loop(small, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
-        return _decode_loop(model, small, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs, params, streamer)
+        return _decode_loop(
+            model,
+            small,
+            input_ids,
+            logits_processor,
+            stopping_criteria,
+            generation_config,
+            model_kwargs,
+            params,
+            streamer,
+        )
 
     # `GenerationMixin.generate` directly: the small model's own `generate` may be a strategy dispatcher. The loop keeps
     # its own caches whatever `use_cache` the members' configs hold (a trained model may have saved use_cache=False).
     kwargs["use_cache"] = True
-    return GenerationMixin.generate(model.small, inputs, generation_config=config, custom_generate=loop, streamer=streamer, **kwargs)
+    return GenerationMixin.generate(
+        model.small, inputs, generation_config=config, custom_generate=loop, streamer=streamer, **kwargs
+    )

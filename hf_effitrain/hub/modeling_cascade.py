@@ -46,8 +46,14 @@ def check_cascade_members(small: nn.Module, large: nn.Module, small_tokenizer=No
             f"The small and large models must share one vocabulary, but the small model predicts {small_vocab} "
             f"tokens and the large one {large_vocab}. Train both with the same tokenizer."
         )
-    if small_tokenizer is not None and large_tokenizer is not None and small_tokenizer.get_vocab() != large_tokenizer.get_vocab():
-        raise ValueError("The small and large models' tokenizers differ (their vocabularies map tokens to different ids); use one tokenizer for both.")
+    if (
+        small_tokenizer is not None
+        and large_tokenizer is not None
+        and small_tokenizer.get_vocab() != large_tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            "The small and large models' tokenizers differ (their vocabularies map tokens to different ids); use one tokenizer for both."
+        )
     small_params = sum(p.numel() for p in small.parameters())
     large_params = sum(p.numel() for p in large.parameters())
     if large_params < small_params:
@@ -80,7 +86,9 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
     (`generation_speculative_cascade.py`; `speculative_rule`, `speculative_alpha`, `cascade_draft_len`).
     """
 
-    def __init__(self, config: CascadeConfig, small: PreTrainedModel | None = None, large: PreTrainedModel | None = None):
+    def __init__(
+        self, config: CascadeConfig, small: PreTrainedModel | None = None, large: PreTrainedModel | None = None
+    ):
         super().__init__(config)
         self.small = small if small is not None else AutoModelForCausalLM.from_config(config.small)
         self.large = large if large is not None else AutoModelForCausalLM.from_config(config.large)
@@ -161,5 +169,8 @@ class CascadeForCausalLM(EffiGenerationMixin, CascadePreTrainedModel, Generation
             **kwargs,
         )
 
+
+# `save_pretrained` records the class in `auto_map`, so a checkpoint loads with `trust_remote_code=True`.
+CascadeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["CascadeForCausalLM", "CascadePreTrainedModel", "check_cascade_members"]

@@ -30,14 +30,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
@@ -128,7 +133,9 @@ class OdeSharedAttention(nn.Module):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, cache_slot)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -153,7 +160,9 @@ def _sinusoid(position: float, step: float, dim: int, device: torch.device, dtyp
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_sinusoid(position: float, step: float, dim: int, device: torch.device, dtype: torch.dtype, inference: bool) -> torch.Tensor:
+def _cached_sinusoid(
+    position: float, step: float, dim: int, device: torch.device, dtype: torch.dtype, inference: bool
+) -> torch.Tensor:
     half = dim // 2
     frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
     angles = torch.tensor([1000.0 * position, 1000.0 * step])[:, None] * frequencies[None]
@@ -180,7 +189,9 @@ class OdeStepConditioning(nn.Module):
 
     def forward(self, condition: StepCondition, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Returns `(shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp)`, each `(hidden_size,)`."""
-        features = _sinusoid(float(condition[0]), float(condition[1]), self.embedding_dim, like.device, self.proj_in.weight.dtype)
+        features = _sinusoid(
+            float(condition[0]), float(condition[1]), self.embedding_dim, like.device, self.proj_in.weight.dtype
+        )
         hidden = self.act(self.proj_in(features))
         return nn.functional.linear(hidden, self.out_weight, self.out_bias).to(like.dtype).chunk(6, dim=-1)
 
@@ -302,7 +313,12 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         self.pre_layers = nn.ModuleList([OdeSharedDecoderLayer(config) for _ in range(config.num_pre_layers)])
         self.shared_blocks = nn.ModuleList(
             [
-                nn.ModuleList([OdeSharedDecoderLayer(config, step_aware=config.step_aware) for _ in range(config.shared_block_layers)])
+                nn.ModuleList(
+                    [
+                        OdeSharedDecoderLayer(config, step_aware=config.step_aware)
+                        for _ in range(config.shared_block_layers)
+                    ]
+                )
                 for _ in range(config.num_shared_blocks)
             ]
         )
@@ -359,7 +375,9 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         past_key_values.ode_step_layout = layout
         needed = self.cache_slots(block_steps)
         if len(past_key_values.layers) < needed:
-            if not isinstance(past_key_values, DynamicCache) or not all(isinstance(layer, DynamicLayer) for layer in past_key_values.layers):
+            if not isinstance(past_key_values, DynamicCache) or not all(
+                isinstance(layer, DynamicLayer) for layer in past_key_values.layers
+            ):
                 raise ValueError(
                     f"num_steps={block_steps} needs {needed} KV-cache slots but the {type(past_key_values).__name__} has "
                     f"{len(past_key_values.layers)}; use a DynamicCache (the default of generate)."
@@ -412,7 +430,12 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         block_steps = self.resolve_num_steps(num_steps)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or past_key_values is not None):
+        if (
+            self.gradient_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and (use_cache or past_key_values is not None)
+        ):
             # The backward replay of a checkpointed layer would write its cache slot a second time; transformers'
             # GradientCheckpointingLayer drops the cache only under the argument name its release uses.
             logger.warning_once("Caching is incompatible with gradient checkpointing: use_cache=False, no KV cache.")
@@ -423,7 +446,9 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
             self._prepare_cache(past_key_values, block_steps)
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            ).unsqueeze(0)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -437,13 +462,26 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
 
         consistency = compute_consistency and self.training and self.config.consistency_weight > 0
         if consistency and past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise ValueError("The step-consistency term is computed on whole sequences; call without a filled KV cache.")
+            raise ValueError(
+                "The step-consistency term is computed on whole sequences; call without a filled KV cache."
+            )
 
-        def evaluate_uncached(layer: OdeSharedDecoderLayer, pending: PendingUpdate, condition: StepCondition | None = None):
+        def evaluate_uncached(
+            layer: OdeSharedDecoderLayer, pending: PendingUpdate, condition: StepCondition | None = None
+        ):
             # The extra steps of the consistency term: same positions and mask, no cache slot, not recorded.
-            return layer(*pending, attention_mask=causal_mask, position_embeddings=position_embeddings, position_ids=position_ids, step_condition=condition, **kwargs)
+            return layer(
+                *pending,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                step_condition=condition,
+                **kwargs,
+            )
 
-        def evaluate(layer: OdeSharedDecoderLayer, pending: PendingUpdate, condition: StepCondition | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        def evaluate(
+            layer: OdeSharedDecoderLayer, pending: PendingUpdate, condition: StepCondition | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             point, update = layer(
                 *pending,
                 attention_mask=causal_mask,
@@ -473,8 +511,12 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
             trajectory[steps] = pending
             for k in sorted(starts):
                 start = _materialise(trajectory[k]).detach()
-                big_step = self._solver_step(block, (start, None, 1.0), k * step_size, 2 * step_size, interval, evaluate_uncached)
-                consistency_terms.append(_relative_sq_error(_materialise(big_step), _materialise(trajectory[k + 2]).detach()))
+                big_step = self._solver_step(
+                    block, (start, None, 1.0), k * step_size, 2 * step_size, interval, evaluate_uncached
+                )
+                consistency_terms.append(
+                    _relative_sq_error(_materialise(big_step), _materialise(trajectory[k + 2]).detach())
+                )
         for layer in self.post_layers:
             pending = (*evaluate(layer, pending), 1.0)
         _, hidden_states = self.norm(*pending)
@@ -482,7 +524,9 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
             all_hidden_states.append(hidden_states)
         consistency_loss = None
         if consistency:
-            consistency_loss = _token_mean(consistency_terms, attention_mask, kwargs.get("num_items_in_batch"), inputs_embeds)
+            consistency_loss = _token_mean(
+                consistency_terms, attention_mask, kwargs.get("num_items_in_batch"), inputs_embeds
+            )
         return OdeSharedModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
@@ -498,7 +542,13 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         return set(order[: self.config.consistency_samples].tolist())
 
     def _solver_step(
-        self, block: nn.ModuleList, pending: PendingUpdate, time: float, step_size: float, interval: float, evaluate: Callable
+        self,
+        block: nn.ModuleList,
+        pending: PendingUpdate,
+        time: float,
+        step_size: float,
+        interval: float,
+        evaluate: Callable,
     ) -> PendingUpdate:
         """One solver step of size `step_size` from depth `time` over `block`, as a pending update of its start point.
 
@@ -510,14 +560,23 @@ class OdeSharedModel(OdeSharedPreTrainedModel):
         if self.config.solver == "euler":
             return point, slope, step_size
         if self.config.solver == "heun":
-            _, slope_end = _block_field(block, (point, slope, step_size), evaluate, ((time + step_size) / interval, step_size / interval))
+            _, slope_end = _block_field(
+                block, (point, slope, step_size), evaluate, ((time + step_size) / interval, step_size / interval)
+            )
             return point, (slope + slope_end) * 0.5, step_size
         # midpoint
-        _, slope_mid = _block_field(block, (point, slope, step_size * 0.5), evaluate, ((time + 0.5 * step_size) / interval, step_size / interval))
+        _, slope_mid = _block_field(
+            block,
+            (point, slope, step_size * 0.5),
+            evaluate,
+            ((time + 0.5 * step_size) / interval, step_size / interval),
+        )
         return point, slope_mid, step_size
 
 
-def _block_field(block: nn.ModuleList, pending: PendingUpdate, evaluate: Callable, condition: StepCondition) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_field(
+    block: nn.ModuleList, pending: PendingUpdate, evaluate: Callable, condition: StepCondition
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluate `F(x) = B(x) - x` of a shared block at `x = base + step * update`; returns `(x, F(x))`.
 
     Inside the block its layers follow each other at unit step, so `F` is the sum of their residual updates; every
@@ -622,7 +681,9 @@ class OdeSharedForCausalLM(EffiGenerationMixin, OdeSharedPreTrainedModel, Genera
         logits = self.lm_head(hidden_states)
         loss = lm_loss = None
         if labels is not None:
-            loss = lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
             if outputs.consistency_loss is not None:
                 loss = lm_loss + self.config.consistency_weight * outputs.consistency_loss.to(lm_loss.dtype)
         return OdeSharedCausalLMOutput(
@@ -635,6 +696,9 @@ class OdeSharedForCausalLM(EffiGenerationMixin, OdeSharedPreTrainedModel, Genera
             **{cache_output_field(): output_cache(outputs)},
         )
 
+
+# `save_pretrained` records the class in `auto_map`, so a checkpoint loads with `trust_remote_code=True`.
+OdeSharedForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "OdeSharedCausalLMOutput",

@@ -42,7 +42,9 @@ def _read_npy(path: Path) -> torch.Tensor:
     if data[:6] != b"\x93NUMPY":
         raise ValueError(f"{path} is not a .npy file.")
     major = data[6]
-    header_len, start = (struct.unpack("<H", data[8:10])[0], 10) if major == 1 else (struct.unpack("<I", data[8:12])[0], 12)
+    header_len, start = (
+        (struct.unpack("<H", data[8:10])[0], 10) if major == 1 else (struct.unpack("<I", data[8:12])[0], 12)
+    )
     header = ast.literal_eval(data[start : start + header_len].decode("latin1"))
     dtype = _NPY_DTYPES.get(header["descr"])
     if dtype is None or header["fortran_order"] or len(header["shape"]) != 1:
@@ -67,10 +69,19 @@ class RetrievalDatastore:
         ValueError: for ids outside `[0, vocab_size)` or an `order` of the wrong length.
     """
 
-    def __init__(self, tokens: torch.Tensor, vocab_size: int, vocab_hash: str, order: torch.Tensor | None = None, metadata: dict | None = None):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        vocab_size: int,
+        vocab_hash: str,
+        order: torch.Tensor | None = None,
+        metadata: dict | None = None,
+    ):
         tokens = torch.as_tensor(tokens).reshape(-1).to(torch.int64)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-            raise ValueError(f"Datastore token ids must lie in [0, {vocab_size}); got {int(tokens.min())}..{int(tokens.max())}.")
+            raise ValueError(
+                f"Datastore token ids must lie in [0, {vocab_size}); got {int(tokens.min())}..{int(tokens.max())}."
+            )
         self.vocab_size, self.vocab_hash, self.metadata = vocab_size, vocab_hash, dict(metadata or {})
         self.bits = _key_bits(vocab_size)
         self.key_tokens = max(1, 63 // self.bits)
@@ -114,8 +125,16 @@ class RetrievalDatastore:
             raise ValueError(f"{path} is not a retrieval datastore folder (no datastore.json).")
         meta = json.loads(meta_path.read_text())
         if meta.get("format") != DATASTORE_FORMAT:
-            raise ValueError(f"{meta_path}: unknown datastore format {meta.get('format')!r}; expected {DATASTORE_FORMAT!r}.")
-        store = cls(_read_npy(path / "tokens.npy"), meta["vocab_size"], meta["vocab_hash"], _read_npy(path / "order.npy"), meta.get("metadata"))
+            raise ValueError(
+                f"{meta_path}: unknown datastore format {meta.get('format')!r}; expected {DATASTORE_FORMAT!r}."
+            )
+        store = cls(
+            _read_npy(path / "tokens.npy"),
+            meta["vocab_size"],
+            meta["vocab_hash"],
+            _read_npy(path / "order.npy"),
+            meta.get("metadata"),
+        )
         if tokenizer is not None:
             store.check_tokenizer(tokenizer)
         return store
@@ -149,7 +168,9 @@ class RetrievalDatastore:
         bounds = torch.searchsorted(self.keys, torch.tensor([low, high]))
         return int(bounds[0]), int(bounds[1])
 
-    def propose(self, text: list[int], branches: int, length: int, max_matches: int = 64, min_ngram: int = 2) -> list[tuple[list[int], list[float]]]:
+    def propose(
+        self, text: list[int], branches: int, length: int, max_matches: int = 64, min_ngram: int = 2
+    ) -> list[tuple[list[int], list[float]]]:
         """Up to `branches` continuations (most frequent first) of the longest suffix of `text` found in the corpus.
 
         Returns:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import logging
 from typing import Any, Callable
 
 import torch
 import transformers
 from transformers.integrations import use_kernel_forward_from_hub
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
 
 __all__ = [
     "TESTED_TRANSFORMERS",
@@ -45,7 +45,7 @@ __all__ = [
     "update_model_kwargs_after_prefill",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # The transformers releases this checkpoint code was tested on (oldest and newest); named in every compatibility error.
 TESTED_TRANSFORMERS = ("5.20.2", "5.24.0")
@@ -121,11 +121,6 @@ def cache_from_model_kwargs(model_kwargs: dict[str, Any]) -> Any:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    logger.warning("%s (transformers %s).", message, transformers.__version__)
-
-
 def _require(model: Any, name: str) -> Callable:
     method = getattr(model, name, None)
     if not callable(method):
@@ -155,7 +150,10 @@ def pad_token_tensor(generation_config, device: torch.device) -> torch.Tensor | 
     """The pad token `generate` resolved for this call (falls back to the config's `pad_token_id`, then its EOS)."""
     if hasattr(generation_config, "_pad_token_tensor"):
         return generation_config._pad_token_tensor
-    _log_once("generate did not resolve `_pad_token_tensor` on the generation config; using its pad / EOS token ids")
+    logger.warning_once(
+        "generate did not resolve `_pad_token_tensor` on the generation config; using its pad / EOS token ids "
+        f"(transformers {transformers.__version__})."
+    )
     pad = generation_config.pad_token_id
     if pad is None:
         eos = generation_config.eos_token_id

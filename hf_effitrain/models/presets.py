@@ -35,8 +35,8 @@ PRESETS: dict[str, ModelPreset] = {
 
 # Architectures whose configs take llama-style field names.
 _LLAMA_STYLE = ("llama", "qwen2", "mistral")
-# Filled by packages that add their own architectures (e.g. `ode_shared`): name -> fn(preset, common) -> kwargs.
-EXTRA_ARCHITECTURES: dict[str, Any] = {}
+# architecture name users pass -> transformers model_type (the package's own types are namespaced)
+_MODEL_TYPES: dict[str, str] = {**{name: name for name in (*_LLAMA_STYLE, "gpt2")}, "ode_shared": "effi_ode_shared"}
 
 
 def _llama_style_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: int) -> dict[str, Any]:
@@ -61,11 +61,8 @@ def _ode_shared_kwargs(preset: ModelPreset, *, vocab_size: int, max_positions: i
     return kwargs
 
 
-EXTRA_ARCHITECTURES["ode_shared"] = _ode_shared_kwargs
-
-
 def supported_architectures() -> list[str]:
-    return [*_LLAMA_STYLE, "gpt2", *EXTRA_ARCHITECTURES]
+    return list(_MODEL_TYPES)
 
 
 def _architecture_kwargs(architecture: str, preset: ModelPreset, vocab_size: int, max_positions: int) -> dict[str, Any]:
@@ -86,7 +83,7 @@ def _architecture_kwargs(architecture: str, preset: ModelPreset, vocab_size: int
             bos_token_id=None,
             eos_token_id=None,
         )
-    return EXTRA_ARCHITECTURES[architecture](preset, vocab_size=vocab_size, max_positions=max_positions)
+    return _ode_shared_kwargs(preset, vocab_size=vocab_size, max_positions=max_positions)
 
 
 def build_config(
@@ -116,7 +113,7 @@ def build_config(
     _check_config_fields(architecture, overrides)
     kwargs.update(overrides)
     try:
-        return AutoConfig.for_model(architecture, **kwargs)
+        return AutoConfig.for_model(_MODEL_TYPES[architecture], **kwargs)
     except (TypeError, ValueError, StrictDataclassError) as error:  # huggingface_hub validates each field's type
         raise ValueError(f"Bad config value for {architecture}: {' '.join(str(error).split())}") from error
 
@@ -125,7 +122,7 @@ def _check_config_fields(architecture: str, overrides: dict[str, Any]) -> None:
     """Refuse override keys that the architecture's config does not know, suggesting the closest known ones."""
     import difflib
 
-    config = AutoConfig.for_model(architecture)
+    config = AutoConfig.for_model(_MODEL_TYPES[architecture])
     # init-only keywords that configs accept but do not serialise
     known = set(config.to_dict()) | set(getattr(config, "attribute_map", {})) | {"attn_implementation", "torch_dtype"}
     for key in overrides:
@@ -135,7 +132,43 @@ def _check_config_fields(architecture: str, overrides: dict[str, Any]) -> None:
             raise ValueError(f"Unknown config field {key!r} for architecture {architecture!r}{hint}")
 
 
-def build_model(preset: str = "tiny", architecture: str = "llama", *, seed: int | None = None, **config_kwargs: Any) -> PreTrainedModel:
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """Parse `"a=1,b=x,c=0.5,d=true"` into typed values (int, float, bool, None or str).
+
+    Not `PretrainedConfig.update_from_string`: that types each value by the field's current value, so it cannot set a
+    field whose default is None (`ode_interval=8`, `train_num_steps=4`), needs the config to exist first (the ODE
+    conversion and `generate` take these keys as keyword arguments), and skips the config's own validation, which
+    `build_config` runs on the parsed values.
+
+    Raises:
+        ValueError: for an item that is not `key=value`.
+    """
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Bad config override {item!r}: expected key=value, e.g. 'num_steps=4'.")
+        overrides[key.strip()] = _parse_scalar(raw.strip())
+    return overrides
+
+
+def _parse_scalar(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def build_model(
+    preset: str = "tiny", architecture: str = "llama", *, seed: int | None = None, **config_kwargs: Any
+) -> PreTrainedModel:
     """A freshly initialised causal LM of the named size (see `build_config` for the arguments).
 
     >>> model = build_model("tiny", "qwen2", vocab_size=300)

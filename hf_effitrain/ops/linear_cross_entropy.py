@@ -27,13 +27,13 @@ disabled: the inputs keep their dtypes and the math stays float32 (the result is
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.utils import logging as hf_logging
 
 from .kernel_loading import KernelLoadError, load_kernel_module
 
@@ -47,12 +47,12 @@ __all__ = [
     "validate_linear_cross_entropy_inputs",
 ]
 
-logger = logging.getLogger(__name__)
+# transformers' logger: `info_once` / `warning_once` report each fallback reason once per process
+logger = hf_logging.get_logger(__name__)
 
 REDUCTIONS = ("mean", "sum", "none")
 KERNEL_NAME = "effi_linear_cross_entropy"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_logged_fallback_reasons: set[str] = set()
 _MIN_CHUNK_LOGITS = 2**22  # 16 MiB of float32 logits per chunk at least
 
 
@@ -256,12 +256,6 @@ def linear_cross_entropy_naive(
     return sum(losses[:, k].sum() / counts[k] for k in range(num_targets)) / num_targets
 
 
-def _log_fallback_once(reason: str, level: int = logging.INFO) -> None:
-    if reason not in _logged_fallback_reasons:
-        _logged_fallback_reasons.add(reason)
-        logger.log(level, "fused_linear_cross_entropy: using the chunked torch reference because %s", reason)
-
-
 def _kernel_unavailable_reason(hidden: torch.Tensor, required: bool) -> str | None:
     """Why the Triton kernel does not run for `hidden` (None: it does). `required`: the caller asked for it."""
     if not required and os.environ.get("DISABLE_KERNEL_MAPPING", "0") not in ("", "0"):
@@ -280,14 +274,14 @@ def _load_kernel_or_log(hidden: torch.Tensor, required: bool):
     if reason is not None:
         if required:
             raise ValueError(f"use_kernel=True but the fused kernel cannot run: {reason}")
-        _log_fallback_once(reason)
+        logger.info_once("fused_linear_cross_entropy: using the chunked torch reference because %s", reason)
         return None
     try:
         return load_kernel_module(KERNEL_NAME)
     except KernelLoadError as error:
         if required:
             raise
-        _log_fallback_once(str(error), logging.WARNING)
+        logger.warning_once("fused_linear_cross_entropy: using the chunked torch reference because %s", str(error))
         return None
 
 

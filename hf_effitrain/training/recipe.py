@@ -22,8 +22,9 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM
 
+from hf_effitrain.training.resume import last_complete_checkpoint
+
 from .callbacks import TimeBudgetCallback
-from .pretrain import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,55 @@ SMALL_ARCHITECTURES = ("llama", "ode_shared")
 # time budget.
 RECIPE_SIZES: dict[str, dict[str, Any]] = {
     "micro": dict(  # tests: about a minute on 2 CPU cores
-        small_preset="tiny", small_overrides=None, large_preset="tiny", large_overrides="hidden_size=64,intermediate_size=128",
-        max_files=300, vocab_size=512, block_size=64, batch_size=8, pretrain_steps=8, sft_steps=4, cat_steps=4,
-        learning_rate=3e-3, eval_prompts=2, max_new_tokens=8, time_budget_s=600.0,
+        small_preset="tiny",
+        small_overrides=None,
+        large_preset="tiny",
+        large_overrides="hidden_size=64,intermediate_size=128",
+        max_files=300,
+        vocab_size=512,
+        block_size=64,
+        batch_size=8,
+        pretrain_steps=8,
+        sft_steps=4,
+        cat_steps=4,
+        learning_rate=3e-3,
+        eval_prompts=2,
+        max_new_tokens=8,
+        time_budget_s=600.0,
     ),
     "tiny": dict(  # the whole stdlib scope: a smaller subset leaves too few held-out functions to evaluate on
-        small_preset="tiny", small_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
-        large_preset="mini", large_overrides="num_hidden_layers=2", max_files=None, vocab_size=2048, block_size=128,
-        batch_size=16, pretrain_steps=500, sft_steps=150, cat_steps=150, learning_rate=3e-3, eval_prompts=16,
-        max_new_tokens=48, time_budget_s=780.0,
+        small_preset="tiny",
+        small_overrides="hidden_size=64,intermediate_size=176,num_attention_heads=4,num_key_value_heads=4",
+        large_preset="mini",
+        large_overrides="num_hidden_layers=2",
+        max_files=None,
+        vocab_size=2048,
+        block_size=128,
+        batch_size=16,
+        pretrain_steps=500,
+        sft_steps=150,
+        cat_steps=150,
+        learning_rate=3e-3,
+        eval_prompts=16,
+        max_new_tokens=48,
+        time_budget_s=780.0,
     ),
     "gpu": dict(
-        small_preset="small", small_overrides="num_hidden_layers=8", large_preset="base", large_overrides=None, max_files=None,
-        vocab_size=8192, block_size=512, batch_size=32, pretrain_steps=4000, sft_steps=800, cat_steps=800,
-        learning_rate=1e-3, eval_prompts=64, max_new_tokens=128, time_budget_s=1500.0,
+        small_preset="small",
+        small_overrides="num_hidden_layers=8",
+        large_preset="base",
+        large_overrides=None,
+        max_files=None,
+        vocab_size=8192,
+        block_size=512,
+        batch_size=32,
+        pretrain_steps=4000,
+        sft_steps=800,
+        cat_steps=800,
+        learning_rate=1e-3,
+        eval_prompts=64,
+        max_new_tokens=128,
+        time_budget_s=1500.0,
     ),
 }
 # Share of the time budget each training stage may use (the rest is evaluation and exports).
@@ -76,20 +112,31 @@ class RecipeArguments:
 
     output_dir: str = field(default="runs/recipe", metadata={"help": "Folder of the stages, exports and summary."})
     size: str = field(default="tiny", metadata={"help": f"Pipeline size: one of {sorted(RECIPE_SIZES)}."})
-    small_architecture: str = field(default="llama", metadata={"help": f"Small model: one of {list(SMALL_ARCHITECTURES)}."})
+    small_architecture: str = field(
+        default="llama", metadata={"help": f"Small model: one of {list(SMALL_ARCHITECTURES)}."}
+    )
     scope: str = field(default="stdlib", metadata={"help": "Python source corpus scope: stdlib, site or all."})
     max_files: int | None = field(default=None, metadata={"help": "Corpus files (default: the size's)."})
-    time_budget_s: float | None = field(default=None, metadata={"help": "Wall-clock budget of the training stages (default: the size's)."})
+    time_budget_s: float | None = field(
+        default=None, metadata={"help": "Wall-clock budget of the training stages (default: the size's)."}
+    )
     patch_size: int = field(default=4, metadata={"help": "K of patch-level pre-training."})
-    patch_fraction: float = field(default=2 / 3, metadata={"help": "lambda: share of pre-training tokens at patch level."})
+    patch_fraction: float = field(
+        default=2 / 3, metadata={"help": "lambda: share of pre-training tokens at patch level."}
+    )
     noise_length: int = field(default=5, metadata={"help": "MSN noise segment length (0: plain SFT)."})
-    resume: bool = field(default=True, metadata={"help": "Skip finished stages and resume interrupted ones (--resume false starts over)."})
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Skip finished stages and resume interrupted ones (--resume false starts over)."},
+    )
 
     def __post_init__(self) -> None:
         if self.size not in RECIPE_SIZES:
             raise ValueError(f"Unknown size {self.size!r}; valid sizes are {sorted(RECIPE_SIZES)}.")
         if self.small_architecture not in SMALL_ARCHITECTURES:
-            raise ValueError(f"Unknown small_architecture {self.small_architecture!r}; valid ones are {list(SMALL_ARCHITECTURES)}.")
+            raise ValueError(
+                f"Unknown small_architecture {self.small_architecture!r}; valid ones are {list(SMALL_ARCHITECTURES)}."
+            )
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}.")
         if self.max_files is not None and self.max_files < 1:
@@ -126,69 +173,102 @@ def _common_training_kwargs(stage_dir: Path, steps: int, settings: dict[str, Any
     )
 
 
-def _pretrain_stage(args: RecipeArguments, settings: dict, stage_dir: Path, which: str, tokenizer_dir: str | None) -> dict:
-    from .patch_config import PatchTrainingArguments
-    from .pretrain import PretrainArguments, run_pretrain
+def _pretrain_stage(
+    args: RecipeArguments, settings: dict, stage_dir: Path, which: str, tokenizer_dir: str | None
+) -> dict:
+    from hf_effitrain.methods.patch.config import PatchTrainingArguments
+    from hf_effitrain.methods.patch.job import PretrainArguments, run_pretrain
 
     architecture = args.small_architecture if which == "small" else "llama"
     pretrain_args = PretrainArguments(
-        preset=settings[f"{which}_preset"], architecture=architecture, config_overrides=settings[f"{which}_overrides"],
-        scope=args.scope, max_files=settings["max_files"], tokenizer=tokenizer_dir, vocab_size=settings["vocab_size"],
-        block_size=settings["block_size"], max_eval_blocks=64, export_dir=str(stage_dir / "export"), overwrite_export=True,
+        preset=settings[f"{which}_preset"],
+        architecture=architecture,
+        config_overrides=settings[f"{which}_overrides"],
+        scope=args.scope,
+        max_files=settings["max_files"],
+        tokenizer=tokenizer_dir,
+        vocab_size=settings["vocab_size"],
+        block_size=settings["block_size"],
+        max_eval_blocks=64,
+        export_dir=str(stage_dir / "export"),
+        overwrite_export=True,
     )
     seconds = settings["time_budget_s"] * _TIME_SHARES[f"pretrain_{which}"]
     training_args = PatchTrainingArguments(
-        patch_size=args.patch_size, patch_fraction=args.patch_fraction,
+        patch_size=args.patch_size,
+        patch_fraction=args.patch_fraction,
         **_common_training_kwargs(stage_dir, settings["pretrain_steps"], settings),
     )
     run = run_pretrain(pretrain_args, training_args, callbacks=(TimeBudgetCallback(seconds),))
     k, fraction = args.patch_size, args.patch_fraction
     return {
-        "model": run["export_dir"], "parameters": run["parameters"], "optimizer_steps": run["global_step"],
-        "tokens_seen": run["tokens_seen"], "eval_loss": run["metrics"].get("eval_loss"),
+        "model": run["export_dir"],
+        "parameters": run["parameters"],
+        "optimizer_steps": run["global_step"],
+        "tokens_seen": run["tokens_seen"],
+        "eval_loss": run["metrics"].get("eval_loss"),
         # compute relative to token-level training on the same tokens: lambda / K + (1 - lambda)
         "relative_compute": fraction / k + (1 - fraction),
     }
 
 
 def _msn_stage(args: RecipeArguments, settings: dict, stage_dir: Path, small_dir: str) -> dict:
-    from ..cli.sft import SftArguments, run_sft
-    from .noisy_sft_config import NoisySFTConfig
+    from hf_effitrain.methods.msn.config import NoisySFTConfig
+    from hf_effitrain.methods.msn.job import SftArguments, run_sft
 
     seconds = settings["time_budget_s"] * _TIME_SHARES["msn_small"]
     sft_args = SftArguments(
-        model=small_dir, dataset="python", scope=args.scope, max_files=settings["max_files"], max_eval_samples=64,
-        export_dir=str(stage_dir / "export"), overwrite_export=True,
+        model=small_dir,
+        dataset="python",
+        scope=args.scope,
+        max_files=settings["max_files"],
+        max_eval_samples=64,
+        export_dir=str(stage_dir / "export"),
+        overwrite_export=True,
     )
     config = NoisySFTConfig(
-        noise_length=args.noise_length, max_length=settings["block_size"] * 2,
+        noise_length=args.noise_length,
+        max_length=settings["block_size"] * 2,
         **_common_training_kwargs(stage_dir, settings["sft_steps"], settings),
     )
     run = run_sft(sft_args, config, callbacks=(TimeBudgetCallback(seconds),))
-    return {"model": run["export_dir"], "noise_length": args.noise_length, "optimizer_steps": run["global_step"], "eval_loss": run["metrics"].get("eval_loss")}
+    return {
+        "model": run["export_dir"],
+        "noise_length": args.noise_length,
+        "optimizer_steps": run["global_step"],
+        "eval_loss": run["metrics"].get("eval_loss"),
+    }
 
 
 def _cat_stage(args: RecipeArguments, settings: dict, stage_dir: Path, small_dir: str, large_dir: str) -> dict:
-    from ..cascade.runs import CascadeDataArguments, CascadeModelArguments, run_cascade_train
-    from .cascade_config import CascadeAwareTrainingArguments
+    from hf_effitrain.methods.cascade.config import CascadeAwareTrainingArguments
+    from hf_effitrain.methods.cascade.job import CascadeDataArguments, CascadeModelArguments, run_cascade_train
 
     seconds = settings["time_budget_s"] * _TIME_SHARES["cat_small"]
     model_args = CascadeModelArguments(small_model=small_dir, large_model=large_dir, deferral="token")
-    data_args = CascadeDataArguments(scope=args.scope, max_files=settings["max_files"], block_size=settings["block_size"], max_eval_blocks=64)
+    data_args = CascadeDataArguments(
+        scope=args.scope, max_files=settings["max_files"], block_size=settings["block_size"], max_eval_blocks=64
+    )
     training_args = CascadeAwareTrainingArguments(**_common_training_kwargs(stage_dir, settings["cat_steps"], settings))
     run = run_cascade_train(model_args, data_args, training_args, callbacks=(TimeBudgetCallback(seconds),))
-    return {"model": training_args.output_dir, "optimizer_steps": run["global_step"], "loss_weights": run["loss_weights"], "eval_loss": run["metrics"].get("eval_loss")}
+    return {
+        "model": training_args.output_dir,
+        "optimizer_steps": run["global_step"],
+        "loss_weights": run["loss_weights"],
+        "eval_loss": run["metrics"].get("eval_loss"),
+    }
 
 
 def _load(path: str):
-    from ..data.tokenizer import load_tokenizer
+    from hf_effitrain.data.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, use_safetensors=True).eval()
     return model, load_tokenizer(path)
 
 
 def _evaluate_stage(args: RecipeArguments, settings: dict, stages: dict[str, dict]) -> dict:
-    from ..hub.modeling_cascade import CascadeForCausalLM
+    from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
+
     from .recipe_eval import cascade_quality_and_cost, decoding_speed, held_out_prompts, validation_losses
 
     small, tokenizer = _load(stages["cat_small"]["model"])
@@ -227,16 +307,21 @@ def _card_results(stages: dict[str, dict]) -> dict[str, float]:
 
 
 def _export_stage(args: RecipeArguments, stages: dict[str, dict], export_root: Path) -> dict:
-    from ..export import export_pretrained
-    from ..hub.generation_jacobi import add_strategy_defaults
-    from ..hub.modeling_cascade import CascadeForCausalLM
+    from hf_effitrain.export import export_pretrained
+    from hf_effitrain.hub.generation_jacobi import add_strategy_defaults
+    from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
 
     small, tokenizer = _load(stages["cat_small"]["model"])
     large, _ = _load(stages["pretrain_large"]["model"])
     card = {
         "method": "recipe (patch-level pre-training -> MSN fine-tuning -> cascade-aware fine-tuning)",
-        "hyperparameters": {"size": args.size, "patch_size": args.patch_size, "patch_fraction": round(args.patch_fraction, 4),
-                            "noise_length": args.noise_length, "small_architecture": args.small_architecture},
+        "hyperparameters": {
+            "size": args.size,
+            "patch_size": args.patch_size,
+            "patch_fraction": round(args.patch_fraction, 4),
+            "noise_length": args.noise_length,
+            "small_architecture": args.small_architecture,
+        },
         "data": f"corpus=python scope={args.scope}",
         "results": _card_results(stages),
     }
@@ -245,7 +330,9 @@ def _export_stage(args: RecipeArguments, stages: dict[str, dict], export_root: P
     small_dir = export_pretrained(small, export_root / "small", tokenizer=tokenizer, model_card=card, overwrite=True)
     cascade = CascadeForCausalLM.from_models(small, large, deferral="token")
     cascade.generation_config.strategy = "speculative_cascade"
-    cascade_dir = export_pretrained(cascade, export_root / "cascade", tokenizer=tokenizer, model_card=card, overwrite=True)
+    cascade_dir = export_pretrained(
+        cascade, export_root / "cascade", tokenizer=tokenizer, model_card=card, overwrite=True
+    )
     return {"small": str(small_dir), "cascade": str(cascade_dir)}
 
 
@@ -259,7 +346,9 @@ def _check_same_arguments(record: dict, args: RecipeArguments, stage: str) -> No
     describe another run)."""
     recorded = {**record["arguments"], **record.get("settings", {})}
     current = {**asdict(args), **args.settings()}
-    differing = sorted(key for key, value in current.items() if key not in ("resume", "output_dir") and recorded.get(key) != value)
+    differing = sorted(
+        key for key, value in current.items() if key not in ("resume", "output_dir") and recorded.get(key) != value
+    )
     if differing:
         raise ValueError(
             f"Stage {stage!r} in {args.output_dir!r} was run with other arguments ({', '.join(differing)}); pass "
@@ -278,7 +367,9 @@ def run_recipe(args: RecipeArguments) -> dict[str, Any]:
         "pretrain_small": lambda d: _pretrain_stage(args, settings, d, "small", None),
         "pretrain_large": lambda d: _pretrain_stage(args, settings, d, "large", stages["pretrain_small"]["model"]),
         "msn_small": lambda d: _msn_stage(args, settings, d, stages["pretrain_small"]["model"]),
-        "cat_small": lambda d: _cat_stage(args, settings, d, stages["msn_small"]["model"], stages["pretrain_large"]["model"]),
+        "cat_small": lambda d: _cat_stage(
+            args, settings, d, stages["msn_small"]["model"], stages["pretrain_large"]["model"]
+        ),
         "evaluate": lambda d: _evaluate_stage(args, settings, stages),
         "export": lambda d: _export_stage(args, stages, root / "export"),
     }
@@ -292,7 +383,12 @@ def run_recipe(args: RecipeArguments) -> dict[str, Any]:
             logger.info("recipe: running stage %s", stage)
             started = time.perf_counter()
             result = jobs[stage](stage_dir)
-            record = {"arguments": asdict(args), "settings": settings, "seconds": round(time.perf_counter() - started, 1), "result": result}
+            record = {
+                "arguments": asdict(args),
+                "settings": settings,
+                "seconds": round(time.perf_counter() - started, 1),
+                "result": result,
+            }
             stage_dir.mkdir(parents=True, exist_ok=True)
             (stage_dir / "stage.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
         stages[stage] = record["result"]

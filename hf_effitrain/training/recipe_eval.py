@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..hub.generation_effi import generate as effi_generate
+from hf_effitrain.hub.generation_effi import generate as effi_generate
 
 CASCADE_STRATEGIES: dict[str, dict[str, Any]] = {
     "sequence": {"strategy": "cascade", "deferral": "sequence"},
@@ -24,26 +24,32 @@ CASCADE_STRATEGIES: dict[str, dict[str, Any]] = {
 
 def held_out_prompts(scope: str, max_files: int | None, count: int) -> list[str]:
     """The first `count` prompts of the code SFT set's test split (then validation when the test split is short)."""
-    from ..data import build_code_sft_dataset
+    from hf_effitrain.data import build_code_sft_dataset
 
     splits = build_code_sft_dataset("python", scope=scope, max_files=max_files)
     prompts = list(splits["test"]["prompt"][:count])
     if len(prompts) < count:
         prompts += list(splits["validation"]["prompt"][: count - len(prompts)])
     if not prompts:
-        raise ValueError(f"The code SFT set of scope={scope!r}, max_files={max_files} has no held-out prompts; use more files.")
+        raise ValueError(
+            f"The code SFT set of scope={scope!r}, max_files={max_files} has no held-out prompts; use more files."
+        )
     return prompts
 
 
-def validation_losses(models: dict[str, Any], tokenizer, scope: str, max_files: int | None, block_size: int, max_blocks: int = 64) -> dict[str, float]:
+def validation_losses(
+    models: dict[str, Any], tokenizer, scope: str, max_files: int | None, block_size: int, max_blocks: int = 64
+) -> dict[str, float]:
     """Plain causal-LM loss of each model on the same held-out blocks: one yardstick for every stage (the stages'
     own objectives differ: patch loss, noisy-input SFT loss, cascade-weighted loss)."""
-    from ..data import load_corpus, pack_dataset
+    from hf_effitrain.data import load_corpus, pack_dataset
 
     corpus = load_corpus("python", scope=scope, max_files=max_files)
     blocks = pack_dataset(corpus["validation"], tokenizer, block_size)
     if len(blocks) == 0:
-        raise ValueError(f"The validation split of scope={scope!r}, max_files={max_files} holds no {block_size}-token block; use more files.")
+        raise ValueError(
+            f"The validation split of scope={scope!r}, max_files={max_files} holds no {block_size}-token block; use more files."
+        )
     ids = torch.tensor(blocks["input_ids"][:max_blocks])
     losses = {}
     for name, model in models.items():
@@ -59,13 +65,20 @@ def _timed(model, ids: torch.Tensor, max_new_tokens: int, **kwargs) -> tuple[tor
     start = time.perf_counter()
     with torch.inference_mode():
         out = effi_generate(
-            model, ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-            return_dict_in_generate=True, **kwargs,
+            model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            **kwargs,
         )
-    return out.sequences[0, ids.shape[1]:], time.perf_counter() - start, out
+    return out.sequences[0, ids.shape[1] :], time.perf_counter() - start, out
 
 
-def decoding_speed(model, tokenizer, prompts: list[str], max_new_tokens: int, extra: dict[str, dict] | None = None) -> dict[str, Any]:
+def decoding_speed(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, extra: dict[str, dict] | None = None
+) -> dict[str, Any]:
     """Greedy vs `tr_jacobi` (and each `extra` named set of generate kwargs) on every prompt, side by side."""
     methods = {"greedy": {}, "tr_jacobi": {"strategy": "tr_jacobi"}, **(extra or {})}
     totals = {name: {"seconds": 0.0, "tokens": 0, "forwards": 0, "equal_to_greedy": 0} for name in methods}
@@ -97,7 +110,9 @@ def cascade_quality_and_cost(cascade, tokenizer, prompts: list[str], max_new_tok
         new, seconds, _ = _timed(cascade.large, ids, max_new_tokens, pad_token_id=pad)
         large_outputs.append((ids, new))
         large_seconds += seconds
-    results: dict[str, Any] = {"large_alone": {"seconds": large_seconds, "agreement_with_large": 1.0, "small_token_share": 0.0}}
+    results: dict[str, Any] = {
+        "large_alone": {"seconds": large_seconds, "agreement_with_large": 1.0, "small_token_share": 0.0}
+    }
     for name, kwargs in CASCADE_STRATEGIES.items():
         agree = tokens = small_tokens = 0
         seconds_total = 0.0

@@ -35,8 +35,20 @@ GPU_EVIDENCE = load_gpu_evidence()
 def test_dry_run_part(tmp_path, part):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(repo_root() / "scripts" / "gpu_evidence.py"), "--dry-run", "--part", part, "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=repo_root(), env=env,
+        [
+            sys.executable,
+            str(repo_root() / "scripts" / "gpu_evidence.py"),
+            "--dry-run",
+            "--part",
+            part,
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=repo_root(),
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "gpu_evidence.json").read_text())
@@ -62,11 +74,25 @@ def test_dry_args_replace_every_gpu_value(part):
     """A GPU value left in the dry run would run at GPU size (e.g. the whole `all` corpus scope) on CPU."""
     spec = GPU_EVIDENCE.PARTS[part]
     args = spec.gpu_args
-    valued = [flag for flag, value in zip(args, args[1:] + ["--"]) if flag.startswith("--") and not value.startswith("--")]
-    switches = [flag for flag, value in zip(args, args[1:] + ["--"]) if flag.startswith("--") and value.startswith("--")]
+    valued = [
+        flag for flag, value in zip(args, args[1:] + ["--"]) if flag.startswith("--") and not value.startswith("--")
+    ]
+    switches = [
+        flag for flag, value in zip(args, args[1:] + ["--"]) if flag.startswith("--") and value.startswith("--")
+    ]
     assert valued
     assert [flag for flag in valued if flag not in spec.dry_args] == []
     assert [flag for flag in switches if flag not in spec.gpu_only] == []  # a switch cannot be undone by a later flag
+
+
+@pytest.mark.parametrize("part", list(GPU_EVIDENCE.PARTS))
+def test_parts_use_the_shared_spelling(part):
+    """Multi-word options are dashed (`--max-files`): the scripts keep the underscore spelling only as an alias."""
+    spec = GPU_EVIDENCE.PARTS[part]
+    flags = [a for a in spec.gpu_args + spec.dry_args if a.startswith("--")]
+    assert [flag for flag in flags if "_" in flag] == []
+    assert "--size" in spec.gpu_args and "--size" in spec.dry_args
+    assert GPU_EVIDENCE.part_command(spec, Path("stem"), True, None)[-2:] == ["--output", "stem"]
 
 
 def test_run_limited_stops_an_overrunning_command(tmp_path):
@@ -82,9 +108,28 @@ def test_run_limited_stops_an_overrunning_command(tmp_path):
     assert "boom" in (tmp_path / "fail.log").read_text()
 
 
+@pytest.mark.parametrize(
+    "part, name",
+    [
+        ("kernels", "kernels_cpu_small"),
+        ("patch", "patch_cpu_small"),
+        ("ode", "ode_cpu_small_steps"),
+        ("decode", "decode_cpu_mini"),
+        ("cascade", "cascade_cpu_small"),
+    ],
+)
+def test_key_results_read_recorded_results(part, name):
+    """The summary line is read from results written before the shared run record, too."""
+    result = json.loads((repo_root() / "scripts" / "results" / f"{name}.json").read_text())
+    line = GPU_EVIDENCE.key_results(part, result)
+    assert line and "unreadable" not in line
+
+
 def test_split_into_commands():
-    estimates = {name: GPU_EVIDENCE.Estimate(seconds=s, flops=1.0) for name, s in
-                 {"kernels": 100, "patch": 200, "ode": 200, "decode": 500, "cascade": 700}.items()}
+    estimates = {
+        name: GPU_EVIDENCE.Estimate(seconds=s, flops=1.0)
+        for name, s in {"kernels": 100, "patch": 200, "ode": 200, "decode": 500, "cascade": 700}.items()
+    }
     groups = GPU_EVIDENCE.split_into_commands(list(estimates), estimates, 540)
     assert groups == [["kernels", "patch", "ode"], ["decode"], ["cascade"]]
     assert GPU_EVIDENCE.split_into_commands(["kernels", "patch"], estimates, 540) == [["kernels", "patch"]]

@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from testing_utils import TINY_VOCAB, tiny_model
+from tests.testing_utils import TINY_VOCAB, tiny_model
 
 SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
 EOS_ID, PAD_ID = 2, 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cascade_helpers import PAD_ID, prompts, tiny_pair
 from transformers import GenerationConfig
 
 from hf_effitrain.hub.configuration_cascade import SPECULATIVE_DEFAULTS
 from hf_effitrain.hub.generation_speculative_cascade import SpeculativeCascadeOutput, trust_small
 from hf_effitrain.hub.modeling_cascade import CascadeForCausalLM
+from tests.cascade.cascade_helpers import PAD_ID, prompts, tiny_pair
 
 MAX_NEW = 12
 STRATEGY = "speculative_cascade"
@@ -22,11 +22,15 @@ def _prompt():
 
 def _eos_hit_by(model, ids, mask) -> int:
     """A token the model emits as its 4th new token, used as EOS so that generation stops early."""
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID
+    )
     return int(out[0, ids.shape[1] + 3])
 
 
-@pytest.mark.parametrize("architecture, draft_len", [("llama", 1), ("llama", 4), ("qwen2", 3), ("mistral", 3), ("gpt2", 2)])
+@pytest.mark.parametrize(
+    "architecture, draft_len", [("llama", 1), ("llama", 4), ("qwen2", 3), ("mistral", 3), ("gpt2", 2)]
+)
 def test_end_points_equal_member_greedy_generate(architecture, draft_len):
     small, large = tiny_pair(architecture)
     cascade = CascadeForCausalLM.from_models(small, large)
@@ -34,10 +38,17 @@ def test_end_points_equal_member_greedy_generate(architecture, draft_len):
     ends = ((large, "chow", 0.0), (small, "chow", 1.0), (small, "diff", 1.0))
     for member, rule, alpha in ends:
         for eos in (None, _eos_hit_by(member, ids, mask)):  # max_new_tokens stop, then an EOS stop
-            common = dict(attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID)
+            common = dict(
+                attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID
+            )
             expected = member.generate(ids, **common)
             got = cascade.generate(
-                ids, strategy=STRATEGY, speculative_rule=rule, speculative_alpha=alpha, cascade_draft_len=draft_len, **common
+                ids,
+                strategy=STRATEGY,
+                speculative_rule=rule,
+                speculative_alpha=alpha,
+                cascade_draft_len=draft_len,
+                **common,
             )
             assert torch.equal(got, expected), f"{architecture} {rule} alpha={alpha} eos={eos}"
             stats = cascade.cascade_stats
@@ -64,7 +75,9 @@ def _reference(small, large, ids, mask, rule, alpha, max_new):
         attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
         from_small.append(trusted)
         # a decision within float32 noise of its edge may go either way (the cached forwards round differently)
-        clear.append(all(bool(trust_small(rule, a, s, l)) == trusted for a in (max(alpha - 1e-4, 0.0), min(alpha + 1e-4, 1.0))))
+        clear.append(
+            all(bool(trust_small(rule, a, s, l)) == trusted for a in (max(alpha - 1e-4, 0.0), min(alpha + 1e-4, 1.0)))
+        )
     return sequence, from_small, clear
 
 
@@ -91,7 +104,9 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
             (model.model.norm if architecture == "llama" else model.transformer.ln_f).weight.mul_(4)
         cascade = CascadeForCausalLM.from_models(small, large)
         ids, mask = _prompt()
-        greedy = large.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
+        greedy = large.generate(
+            ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID
+        )
         full_mask = torch.cat([mask, mask.new_ones(1, MAX_NEW)], dim=1)
         critical = _critical_alphas(small, large, greedy, full_mask, rule).clamp(0, 1)
     mixed = 0
@@ -102,8 +117,16 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
             expected, flags, clear = _reference(small, large, ids, mask, rule, alpha, MAX_NEW)
         for draft_len in (1, 3):
             out = cascade.generate(
-                ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID,
-                strategy=STRATEGY, speculative_rule=rule, speculative_alpha=alpha, cascade_draft_len=draft_len,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=PAD_ID,
+                strategy=STRATEGY,
+                speculative_rule=rule,
+                speculative_alpha=alpha,
+                cascade_draft_len=draft_len,
                 return_dict_in_generate=True,
             )
             assert isinstance(out, SpeculativeCascadeOutput)
@@ -120,17 +143,25 @@ def test_statistics_count_forwards():
     ids, mask = _prompt()
     common = dict(attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
     # always trusting under "chow": the large model never runs, the small one runs once per token
-    out = cascade.generate(ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=1.0, return_dict_in_generate=True, **common)
+    out = cascade.generate(
+        ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=1.0, return_dict_in_generate=True, **common
+    )
     assert (out.num_large_forwards, out.num_small_forwards, out.tokens_per_large_forward) == (0, MAX_NEW, None)
     assert out.small_token_share == 1.0 and out.from_small.shape == (1, MAX_NEW)
     # always trusting under "diff": one large forward per round of 3 drafts + bonus
-    cascade.generate(ids, strategy=STRATEGY, speculative_rule="diff", speculative_alpha=1.0, cascade_draft_len=3, **common)
+    cascade.generate(
+        ids, strategy=STRATEGY, speculative_rule="diff", speculative_alpha=1.0, cascade_draft_len=3, **common
+    )
     stats = cascade.cascade_stats
     assert stats["large_forwards"] == stats["rounds"] == MAX_NEW // 4 and stats["tokens_per_large_forward"] == 4.0
     assert stats["small_forwards"] == MAX_NEW and stats["deferred_share"] == 0.0
-    assert stats["large_forward_tokens"] == ids.shape[1] + MAX_NEW - 1  # every round's bonus token is fed by the next round
+    assert (
+        stats["large_forward_tokens"] == ids.shape[1] + MAX_NEW - 1
+    )  # every round's bonus token is fed by the next round
     # never trusting: each large forward yields at least one token
-    cascade.generate(ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=0.0, cascade_draft_len=3, **common)
+    cascade.generate(
+        ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=0.0, cascade_draft_len=3, **common
+    )
     stats = cascade.cascade_stats
     assert 1 <= stats["tokens_per_large_forward"] <= 4 and stats["large_forwards"] == stats["rounds"]
     assert stats["new_tokens"] == MAX_NEW and stats["small_token_share"] == 0.0
@@ -144,9 +175,18 @@ def test_logits_processors_match_greedy(architecture):
     processors = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6, bad_words_ids=[[5], [7]])
     for member, alpha in ((large, 0.0), (small, 1.0)):
         eos = _eos_hit_by(member, ids, mask)  # min_new_tokens suppresses it for the first 6 tokens
-        common = dict(attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=PAD_ID, **processors)
+        common = dict(
+            attention_mask=mask,
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD_ID,
+            **processors,
+        )
         expected = member.generate(ids, **common)
-        got = cascade.generate(ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=alpha, cascade_draft_len=3, **common)
+        got = cascade.generate(
+            ids, strategy=STRATEGY, speculative_rule="chow", speculative_alpha=alpha, cascade_draft_len=3, **common
+        )
         assert torch.equal(got, expected)
 
 
@@ -164,13 +204,20 @@ def test_generation_config_entries_defaults_and_precedence(tmp_path):
     expected = large.generate(ids, **common)
     assert torch.equal(cascade.generate(ids, generation_config=config, strategy=STRATEGY, **common), expected)
     assert cascade.cascade_stats["cascade_draft_len"] == 2
-    cascade.generate(ids, generation_config=config, strategy=STRATEGY, cascade_draft_len=5, speculative_alpha=1.0, **common)
+    cascade.generate(
+        ids, generation_config=config, strategy=STRATEGY, cascade_draft_len=5, speculative_alpha=1.0, **common
+    )
     assert cascade.cascade_stats["cascade_draft_len"] == 5 and cascade.cascade_stats["small_token_share"] == 1.0
     cascade.generation_config.update(strategy=STRATEGY, speculative_rule="chow", speculative_alpha=0.0)
     assert torch.equal(cascade.generate(ids, **common), expected)
     cascade.save_pretrained(tmp_path)
     saved = GenerationConfig.from_pretrained(tmp_path)
-    assert (saved.strategy, saved.speculative_rule, saved.speculative_alpha, saved.cascade_draft_len) == (STRATEGY, "chow", 0.0, 4)
+    assert (saved.strategy, saved.speculative_rule, saved.speculative_alpha, saved.cascade_draft_len) == (
+        STRATEGY,
+        "chow",
+        0.0,
+        4,
+    )
 
 
 @pytest.mark.parametrize(
@@ -238,7 +285,17 @@ def test_streamer_gets_the_prompt_then_every_token():
     ids, mask = _prompt()
     streamer = Collect()
     out = cascade.generate(
-        ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD_ID, eos_token_id=None, strategy=STRATEGY,
-        speculative_rule="diff", speculative_alpha=1.0, cascade_draft_len=3, streamer=streamer,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=8,
+        pad_token_id=PAD_ID,
+        eos_token_id=None,
+        strategy=STRATEGY,
+        speculative_rule="diff",
+        speculative_alpha=1.0,
+        cascade_draft_len=3,
+        streamer=streamer,
     )
-    assert streamer.values == [ids[0].tolist()] + [[token] for token in out[0, ids.shape[1] :].tolist()] and streamer.ended
+    assert (
+        streamer.values == [ids[0].tolist()] + [[token] for token in out[0, ids.shape[1] :].tolist()] and streamer.ended
+    )

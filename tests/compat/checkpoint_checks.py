@@ -22,7 +22,9 @@ NEW_TOKENS = 8
 
 
 def _greedy(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    return model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
+    return model.generate(
+        ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs
+    )
 
 
 def _logits_match(model, ids: torch.Tensor, expected: torch.Tensor, **kwargs) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from testing_utils import _BLOCK_PACKAGE
+from tests.testing_utils import _BLOCK_PACKAGE
 
 
 def _venv_root() -> Path:
@@ -40,20 +40,38 @@ def plain_python(transformers_version: str) -> Path:
     if marker.exists():
         return python
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    command = [str(python), "-m", "pip", "install", "-q", f"torch=={torch_version}", f"transformers=={transformers_version}", "safetensors"]
+    command = [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        f"torch=={torch_version}",
+        f"transformers=={transformers_version}",
+        "safetensors",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
-        raise RuntimeError(f"Could not build a plain environment with transformers {transformers_version}:\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"Could not build a plain environment with transformers {transformers_version}:\n{proc.stdout}\n{proc.stderr}"
+        )
     marker.write_text(transformers_version, encoding="utf-8")
     return python
 
 
-def run_checks(python: Path | str, script: Path, jobs_file: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_checks(
+    python: Path | str, script: Path, jobs_file: Path, cwd: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run `script jobs_file` with `python`, offline and with `hf_effitrain` unimportable; raise on a non-zero exit."""
-    code = _BLOCK_PACKAGE + f"\nimport runpy, sys\nsys.argv = [{str(script)!r}, {str(jobs_file)!r}]\nrunpy.run_path({str(script)!r}, run_name='__main__')\n"
+    code = (
+        _BLOCK_PACKAGE
+        + f"\nimport runpy, sys\nsys.argv = [{str(script)!r}, {str(jobs_file)!r}]\nrunpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
     env.pop("VIRTUAL_ENV", None)
-    proc = subprocess.run([str(python), "-c", code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(python), "-c", code], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"checkpoint checks failed under {python}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 

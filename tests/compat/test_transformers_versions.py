@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from hf_effitrain import CascadeForCausalLM, OdeSharedConfig, OdeSharedForCausalLM, export_pretrained
 from hf_effitrain.hub.transformers_compat import TESTED_TRANSFORMERS
-from plain_env import current_python, plain_python, run_checks
-from testing_utils import ARCHITECTURES, tiny_model
+from tests.compat.plain_env import current_python, plain_python, run_checks
+from tests.testing_utils import ARCHITECTURES, tiny_model
 
 CHECKS_SCRIPT = Path(__file__).resolve().parent / "checkpoint_checks.py"
 NEW_TOKENS = 8  # as in checkpoint_checks.py
@@ -28,7 +28,9 @@ PROMPT = torch.tensor([[1, 5, 7, 9, 11, 3, 17]])
 
 
 def _greedy(model, **kwargs) -> torch.Tensor:
-    return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs)
+    return model.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs
+    )
 
 
 def _logits(model, **kwargs) -> torch.Tensor:
@@ -46,7 +48,15 @@ def _stock_job(root: Path, architecture: str) -> dict:
 
 def _ode_job(root: Path) -> dict:
     torch.manual_seed(0)
-    config = OdeSharedConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_steps=4, num_pre_layers=1, max_position_embeddings=256)
+    config = OdeSharedConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_steps=4,
+        num_pre_layers=1,
+        max_position_embeddings=256,
+    )
     model = OdeSharedForCausalLM(config).float().eval()
     export_dir = export_pretrained(model, root / "ode")
     tensors = {"ids": PROMPT}
@@ -54,7 +64,13 @@ def _ode_job(root: Path) -> dict:
         tensors[f"logits_{steps}"] = _logits(model, num_steps=steps)
         tensors[f"greedy_{steps}"] = _greedy(model, num_steps=steps)
     save_file(tensors, str(root / "ode.safetensors"))
-    return {"kind": "ode", "name": "ode_shared", "export_dir": str(export_dir), "expected_file": str(root / "ode.safetensors"), "num_steps": list(ODE_STEPS)}
+    return {
+        "kind": "ode",
+        "name": "ode_shared",
+        "export_dir": str(export_dir),
+        "expected_file": str(root / "ode.safetensors"),
+        "num_steps": list(ODE_STEPS),
+    }
 
 
 def _cascade_job(root: Path) -> dict:
@@ -62,8 +78,16 @@ def _cascade_job(root: Path) -> dict:
     large = tiny_model("llama", seed=1, hidden_size=64, intermediate_size=128)
     cascade = CascadeForCausalLM.from_models(small, large)
     export_dir = export_pretrained(cascade, root / "cascade")
-    save_file({"ids": PROMPT, "greedy_small": _greedy(small), "greedy_large": _greedy(large)}, str(root / "cascade.safetensors"))
-    return {"kind": "cascade", "name": "cascade", "export_dir": str(export_dir), "expected_file": str(root / "cascade.safetensors")}
+    save_file(
+        {"ids": PROMPT, "greedy_small": _greedy(small), "greedy_large": _greedy(large)},
+        str(root / "cascade.safetensors"),
+    )
+    return {
+        "kind": "cascade",
+        "name": "cascade",
+        "export_dir": str(export_dir),
+        "expected_file": str(root / "cascade.safetensors"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +102,7 @@ def jobs_file(tmp_path_factory) -> Path:
 def _reports(python, jobs_file: Path) -> list[dict]:
     proc = run_checks(python, CHECKS_SCRIPT, jobs_file, cwd=jobs_file.parent)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))
-    return json.loads(line[len("REPORT "):])
+    return json.loads(line[len("REPORT ") :])
 
 
 def _assert_all_exact(reports: list[dict], jobs_file: Path, version: str) -> None:

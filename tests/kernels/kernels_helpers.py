@@ -1,8 +1,25 @@
-"""Helpers of the kernel tests: linear cross-entropy inputs, a loss+gradients helper, the interpreter check."""
+"""Helpers of the kernel tests: linear cross-entropy inputs, a loss+gradients helper, the interpreter check, and
+the import of the kernel tooling under `scripts/`."""
 
+import importlib
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def import_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as a module, imported as running the script does: with `scripts/` first on `sys.path`
+    (so its sibling imports such as `from kernel_build import ...` resolve), then `sys.path` restored."""
+    sys.path.insert(0, str(SCRIPTS_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(SCRIPTS_DIR))
 
 
 def triton_interpreter_active() -> bool:

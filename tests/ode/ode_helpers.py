@@ -16,7 +16,16 @@ VOCAB = 128
 
 def tiny_ode(seed: int = 0, **overrides) -> OdeSharedForCausalLM:
     """A hidden-32 ODE-shared model in float32 eval mode (one shared layer, 4 default steps unless overridden)."""
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_steps=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_steps=4,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return OdeSharedForCausalLM(OdeSharedConfig(**kwargs)).float().eval()
@@ -49,7 +58,14 @@ def ode_trainer(model, tmp_path, ids: torch.Tensor, **args) -> Trainer:
     """A stock `Trainer` over `ids` (inputs = labels) for 4 steps of batch 2 on CPU, no checkpoints."""
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     arguments = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, **args,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        **args,
     )
     return Trainer(model=model, args=arguments, train_dataset=data)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tiny_configs import tiny_causal_lm
 
 from hf_effitrain import export_pretrained, generate, patch_level_loss
-from tiny_configs import tiny_causal_lm
 
 __all__ = ["FEATURES", "check_type", "outcome_kind"]
 
@@ -47,11 +47,13 @@ def _raised(error: BaseException) -> str:
 
 def _check_decode(model, strategy: str, greedy: torch.Tensor) -> str:
     try:
-        out = generate(model, torch.tensor(PROMPT), strategy=strategy, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = generate(
+            model, torch.tensor(PROMPT), strategy=strategy, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+        )
     except Exception as error:
         return _raised(error)
     if out.shape != greedy.shape or not torch.equal(out, greedy):
-        return f"WRONG: {out[0, len(PROMPT[0]):].tolist()} vs greedy {greedy[0, len(PROMPT[0]):].tolist()}"
+        return f"WRONG: {out[0, len(PROMPT[0]) :].tolist()} vs greedy {greedy[0, len(PROMPT[0]) :].tolist()}"
     return "exact"
 
 

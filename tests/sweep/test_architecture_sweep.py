@@ -23,7 +23,7 @@ from sweep_checks import FEATURES, PROMPT, check_type, outcome_kind  # noqa: E40
 from tiny_configs import tiny_causal_lm  # noqa: E402
 
 from hf_effitrain import export_pretrained  # noqa: E402
-from testing_utils import run_without_package  # noqa: E402
+from tests.testing_utils import run_without_package  # noqa: E402
 
 CI_SAMPLE = (
     "gpt_neox",  # class-specific checkpoint conversion (lm_head <- embed_out)
@@ -52,7 +52,9 @@ def assert_expected(result: dict) -> None:
     """Every feature exact, except the refusals listed in `EXPECTED`, which must be refusals naming the reason."""
     model_type = result["model_type"]
     if result["build"] != "ok":
-        assert model_type in NOT_BUILT, f"{model_type}: {result['build']} (add a TYPE_TWEAKS entry or list it in NOT_BUILT)"
+        assert model_type in NOT_BUILT, (
+            f"{model_type}: {result['build']} (add a TYPE_TWEAKS entry or list it in NOT_BUILT)"
+        )
         pytest.skip(f"{model_type}: no tiny model ({NOT_BUILT[model_type]})")
     expected = EXPECTED.get(model_type, {})
     problems = []
@@ -108,7 +110,7 @@ def test_converted_exports_reload_exactly_without_the_package(tmp_path):
         save_file({"ids": ids, "logits": logits.contiguous(), "greedy": greedy}, f"{folder}.expected.safetensors")
         folders[model_type] = str(folder)
     proc = run_without_package(CHILD.replace("FOLDERS", repr(folders)), cwd=tmp_path)
-    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))[len("REPORT"):])
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))[len("REPORT") :])
     for model_type in PACKAGE_FREE_TYPES:
         name, logits_equal, greedy_equal = report[model_type]
         assert name.startswith("Effi") and logits_equal and greedy_equal, (model_type, report[model_type])

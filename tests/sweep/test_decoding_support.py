@@ -57,10 +57,15 @@ def test_attention_models_are_not_refused():
 # transformers 5.24 gives Mamba a DynamicCache of linear-attention layers, earlier releases a `cache_params` of its own
 @pytest.mark.parametrize(
     "large_type, reason",
-    [("mamba", "(no attention layer in its cache|recurrent state in a cache of its own)"), ("openai-gpt", "keeps no KV cache")],
+    [
+        ("mamba", "(no attention layer in its cache|recurrent state in a cache of its own)"),
+        ("openai-gpt", "keeps no KV cache"),
+    ],
 )
 def test_token_cascade_refuses_members_that_cannot_catch_up(large_type, reason):
-    cascade = CascadeForCausalLM.from_models(cached_model("llama"), cached_model(large_type), deferral="token", threshold=float("inf"))
+    cascade = CascadeForCausalLM.from_models(
+        cached_model("llama"), cached_model(large_type), deferral="token", threshold=float("inf")
+    )
     with pytest.raises(ValueError, match=f"the large model .*{reason}.*deferral='sequence'"):
         cascade.generate(PROMPT, max_new_tokens=4, do_sample=False, pad_token_id=0)
 

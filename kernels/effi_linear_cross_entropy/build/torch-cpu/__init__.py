@@ -1,6 +1,5 @@
 """effi-linear-cross-entropy: fused LM head + multi-target cross-entropy (Triton), for hf_effitrain."""
 
-from . import layers
 from .op import (
     linear_cross_entropy,
     linear_cross_entropy_backward,
@@ -9,7 +8,6 @@ from .op import (
 )
 
 __all__ = [
-    "layers",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "linear_cross_entropy_forward",
