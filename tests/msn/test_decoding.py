@@ -146,7 +146,7 @@ def _repeating_case():
     raise AssertionError("no repeating greedy continuation found")
 
 
-def test_msn_retrieval_accepts_several_tokens_per_step():
+def test_msn_retrieval_accepts_several_tokens_per_step(flat_forward_cost):
     model, ids = _repeating_case()
     expected = _greedy(model, ids, max_new_tokens=64)
     out = _strategy(model, ids, "tr_jacobi", max_new_tokens=64, return_dict_in_generate=True)
@@ -158,7 +158,7 @@ def test_msn_retrieval_accepts_several_tokens_per_step():
     assert torch.equal(lean.sequences, expected) and lean.num_forwards < 64
 
 
-def test_msn_streamer_receives_accepted_tokens():
+def test_msn_streamer_receives_accepted_tokens(flat_forward_cost):
     class Recorder:
         def __init__(self):
             self.calls = []

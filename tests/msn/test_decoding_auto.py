@@ -89,7 +89,7 @@ def test_forward_cost_interpolates_and_never_decreases():
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_auto_tree_and_datastore_exact(architecture):
+def test_auto_tree_and_datastore_exact(architecture, flat_forward_cost):
     model = _model(architecture)
     torch.manual_seed(3)
     ids = torch.randint(0, 128, (1, 10))
