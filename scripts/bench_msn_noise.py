@@ -4,9 +4,12 @@ One run, side by side: from the same pre-trained checkpoint, with the same code 
 plain SFT (`noise_length=0`) and MSN with each schedule of `--schedules` (segment length, share of samples, `ahead`
 vs `uniform` noise); then, on the same held-out prompts (HumanEval with `--humaneval`, plus functions of corpus files
 never trained on), decode greedily with `jacobi` and `tr_jacobi` (the default `tree="auto"` and the paper's static
-`tree="msn"`) and count the model's forwards. Tokens per forward do not depend on the machine's load, so this
-benchmark needs no quiet machine; every output is checked against plain greedy `generate` token for token. Reports,
-per model: held-out loss, and tokens per forward with a 95% interval over prompts (per strategy). Writes JSON + PNG.
+`tree="msn"`) and count the model's forwards. Tokens per forward of `jacobi` and of the static tree do not depend on
+the machine's load, so this benchmark needs no quiet machine for them; the auto tree is sized from a forward-cost
+curve measured when each model's decoding starts, so its figure does depend on the load at that moment. Every output
+is checked against plain greedy `generate` token for token. Reports, per model: held-out loss, and tokens per forward
+with a 95% interval over prompts (per strategy). Writes JSON + PNG; fine-tuned checkpoints and their decoding
+results are reused from `--work-dir` (same prompts and length).
 
     python scripts/bench_msn_noise.py --pretrained /tmp/decode/pretrain --humaneval ../shared/data/HumanEval.jsonl.gz
     python scripts/bench_msn_noise.py --size micro --output /tmp/msn_noise      # the CI check: trains its own model
@@ -259,6 +262,20 @@ def acceptance(model, tokenizer, prompts, args) -> dict:
         }
         for name, row in result.items()
     }
+
+
+def _cached_acceptance(checkpoint: Path, tokenizer, prompts, args) -> dict:
+    """`acceptance` of the checkpoint, reused from an earlier run on the same prompts and length."""
+    cache = checkpoint / "msn_noise_decoding.json"
+    key = {"prompts": [p["id"] for p in prompts], "max_new_tokens": args.max_new_tokens}
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return saved["decoding"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    decoding = acceptance(model, tokenizer, prompts, args)
+    cache.write_text(json.dumps({"key": key, "decoding": decoding}))
+    return decoding
 
 
 def plot(report: dict, path: Path) -> None:
