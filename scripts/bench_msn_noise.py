@@ -44,6 +44,11 @@ from hf_effitrain.models.presets import build_model  # noqa: E402
 logger = logging.getLogger("bench_msn_noise")
 
 STRATEGIES = ("jacobi", "tr_jacobi", "tr_jacobi_msn")
+LABELS = {
+    "jacobi": "jacobi",
+    "tr_jacobi": "tr_jacobi auto (cost measured under load)",
+    "tr_jacobi_msn": 'tr_jacobi tree="msn"',
+}
 SIZES = {
     # a CI check of the whole path: its own tiny model, a few steps, two schedules
     "micro": dict(
@@ -296,7 +301,7 @@ def plot(report: dict, path: Path) -> None:
             width,
             yerr=[[m[0] - m[1] for m in means], [m[2] - m[0] for m in means]],
             capsize=2,
-            label=strategy,
+            label=LABELS[strategy],
         )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("new tokens per forward (95% interval)")
