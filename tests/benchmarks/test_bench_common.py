@@ -153,3 +153,16 @@ def test_script_parsers_keep_the_old_spellings():
     config_old, args_old = ode.parse_args(["--preset", "gpu", "--out", "o"])
     assert config_new == config_old == ode.PRESETS["gpu"]
     assert (args_new.size, args_new.output) == (args_old.size, args_old.output) == ("gpu", "o")
+
+
+def test_msn_noise_schedules_parse_and_bad_ones_are_refused(capsys):
+    study = load_script("bench_msn_noise")
+    args = study.parse_args(["--size", "micro", "--schedules", "L0,L8-uniform-half"])
+    assert [(s.noise_length, s.noise_kind, s.noise_fraction) for s in args.schedule_list] == [
+        (0, "ahead", 1.0),
+        (8, "uniform", 0.5),
+    ]
+    for bad in ("L5-loud", "5", "Lx"):
+        with pytest.raises(SystemExit):
+            study.parse_args(["--size", "micro", "--schedules", bad])
+        assert f"bad schedule {bad!r}: expected L<length> with optional -uniform / -half" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_effitrain.cli import main as effitrain
+from hf_effitrain.methods.cascade.job import CascadeExportArguments
 from tests.cascade.cascade_helpers import tiny_pair, word_tokenizer
 
 
@@ -168,3 +169,12 @@ def test_cascade_eval_accepts_the_documented_splits():
         "validation",
         "test",
     ]
+
+
+def test_cascade_train_refuses_a_non_empty_export_dir_before_any_work(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite_export"):
+        CascadeExportArguments(export_dir=str(export))
+    assert CascadeExportArguments(export_dir=str(export), overwrite_export=True).overwrite_export
