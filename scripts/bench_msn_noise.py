@@ -65,7 +65,6 @@ SIZES = {
         corpus_prompts=2,
         max_new_tokens=12,
         schedules="L0,L5",
-        scope_sft="stdlib",
     ),
     # the CPU size: the decode benchmark's `mini` model, 400 fine-tuning steps per schedule
     "cpu_mini": dict(
@@ -82,7 +81,6 @@ SIZES = {
         corpus_prompts=40,
         max_new_tokens=64,
         schedules="L0,L5,L3,L8,L5-uniform,L5-half",
-        scope_sft="site",
     ),
     "gpu": dict(
         preset="small",
@@ -98,7 +96,6 @@ SIZES = {
         corpus_prompts=100,
         max_new_tokens=128,
         schedules="L0,L5,L3,L8,L12,L5-uniform,L5-half",
-        scope_sft="all",
     ),
 }
 
@@ -147,6 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.output = args.output or f"scripts/results/msn_noise_{args.size}"
+    if args.size == "gpu" and not args.pretrained:  # the built-in pre-training is a small CPU-sized run
+        parser.error(
+            "--size gpu needs --pretrained (e.g. the pretrain stage of bench_decode.py --size gpu --work-dir DIR)"
+        )
     try:
         args.schedule_list = [Schedule.parse(name) for name in args.schedules.split(",")]
     except ValueError as error:
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     pretrained = pretrained_checkpoint(args, work)
     tokenizer = load_tokenizer(str(pretrained))
-    sft = build_code_sft_dataset("python", scope=args.scope_sft, max_files=args.max_files)
+    sft = build_code_sft_dataset("python", scope=args.scope, max_files=args.max_files)
     prompts = load_prompts(args, sft)
     report = {
         **run_record("cuda" if torch.cuda.is_available() else "cpu"),

@@ -166,3 +166,6 @@ def test_msn_noise_schedules_parse_and_bad_ones_are_refused(capsys):
         with pytest.raises(SystemExit):
             study.parse_args(["--size", "micro", "--schedules", bad])
         assert f"bad schedule {bad!r}: expected L<length> with optional -uniform / -half" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.parse_args(["--size", "gpu"])
+    assert "--size gpu needs --pretrained" in capsys.readouterr().err
