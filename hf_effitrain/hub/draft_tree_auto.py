@@ -26,7 +26,7 @@ import heapq
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -40,9 +40,11 @@ _MAX_DEPTH_BUCKET = 4
 _PATIENCE = 6  # nodes added without a better rate before the expansion stops
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One draft candidate: its token, kind, raw confidence, and the retrieval branch it belongs to (-1: none)."""
+class Cell(NamedTuple):
+    """One draft candidate: its token, kind, raw confidence, and the retrieval branch it belongs to (-1: none).
+
+    A named tuple, not a dataclass: a step builds ~100 of them, and a tuple is built several times faster.
+    """
 
     token: int
     kind: str

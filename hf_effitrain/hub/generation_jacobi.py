@@ -576,8 +576,11 @@ class _StepInputs:
 
 
 def _tree_tensors(tree: StepTree, tokens: list[int], position: int, device: torch.device):
-    """Tokens, position ids and visible (query, key) pairs of `tree`, in ONE host-to-device copy."""
+    """Tokens, position ids and visible (query, key) pairs of `tree` (None for a chain), in ONE host-to-device copy."""
     n = tree.size
+    if tree.chain:  # the model's own causal mask: no visible pairs needed
+        packed = torch.tensor(tokens + list(range(position, position + n)), device=device)
+        return packed[:n], packed[n:], None
     packed = torch.tensor(
         tokens + [position + d for d in tree.depth] + tree.visible_rows + tree.visible_cols, device=device
     )
@@ -695,7 +698,7 @@ def _decode_loop(
         tokens, position_ids, visible = _tree_tensors(tree, host_tokens, position, device)
 
         # 2. One forward over the current token and all drafts.
-        mask = inputs.mask(tree, cache_len, None if tree.chain else visible)
+        mask = inputs.mask(tree, cache_len, visible)
         forward_start = time.perf_counter()
         out = model(
             input_ids=tokens[None],
@@ -709,16 +712,15 @@ def _decode_loop(
         sequence = buffer[:, :length]
         processed = _process_scores(logits_processor, sequence, tokens, tree, logits)
         k = min(plan.top_k, processed.shape[-1])
-        greedy = processed.argmax(dim=-1, keepdim=True)
         if split_sync:  # CPU: nothing is asynchronous, so top-k waits until the accepted path says which rows matter
-            host, top_rows = greedy.tolist(), None
+            predicted, top_rows = processed.argmax(dim=-1).tolist(), None
         else:  # accelerator: the greedy tokens and every row's top-k come back in ONE sync
+            greedy = processed.argmax(dim=-1, keepdim=True)
             top_probs, top = (torch.softmax(processed, dim=-1) if plan.mode == "auto" else processed).topk(k, dim=-1)
             packed = torch.cat([greedy, top], dim=1).tolist()
-            host, top_rows = [row[:1] for row in packed], [row[1:] for row in packed]
+            predicted, top_rows = [row[0] for row in packed], [row[1:] for row in packed]
             top_probs = top_probs.tolist() if plan.mode == "auto" else None
         forward_end = time.perf_counter()
-        predicted = [row[0] for row in host]
 
         # 3. Accept the longest root path whose drafts equal greedy's predictions; the bonus token comes with it.
         path = tree.accept(host_tokens, predicted)
