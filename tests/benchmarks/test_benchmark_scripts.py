@@ -254,6 +254,9 @@ def test_bench_decode(tmp_path):
                 method["tokens_per_forward_95"][2],
             )
             assert low <= mean <= high and mean >= 1.0
+            # the forwards timed by hooks are a part of the call's wall-clock
+            assert all(0 < p["forward_seconds"] <= p["seconds"] for p in method["per_prompt"]), (model, name)
+            assert method["cost_over_own_forwards"] >= 1.0
         for name in ("greedy", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore"):
             assert methods[name]["step_overhead_ratio"] > 0 and methods[name]["mean_tree_size"] >= 1
         assert methods["tr_jacobi_msn"]["mean_tree_size"] > methods["jacobi"]["mean_tree_size"]
