@@ -359,7 +359,8 @@ class ForwardCounter:
 
     The seconds give each method's cost beyond the model itself: a call's wall-clock over the time its own forwards
     took, i.e. over plain forwards of exactly the tokens and masks it verified, measured in the same run and under the
-    same load (a separate reference forward cannot match the cache lengths and the load of every step).
+    same load (a separate reference forward cannot match the cache lengths and the load of every step). On a GPU each
+    hook synchronises the device; every method already waits for its step's result once per step.
     """
 
     def __init__(self, model):

@@ -43,7 +43,7 @@ _PATIENCE = 6  # nodes added without a better rate before the expansion stops
 class Cell(NamedTuple):
     """One draft candidate: its token, kind, raw confidence, and the retrieval branch it belongs to (-1: none).
 
-    A named tuple, not a dataclass: a step builds ~100 of them, and a tuple is built several times faster.
+    A named tuple, not a dataclass: a step builds up to ~100 of them, and a tuple is built about 2.5x faster.
     """
 
     token: int
