@@ -578,14 +578,9 @@ class _StepInputs:
 def _tree_tensors(tree: StepTree, tokens: list[int], position: int, device: torch.device):
     """Tokens, position ids and visible (query, key) pairs of `tree` (None for a chain), in ONE host-to-device copy."""
     n = tree.size
-    if tree.chain:  # the model's own causal mask: no visible pairs needed
-        packed = torch.tensor(tokens + list(range(position, position + n)), device=device)
-        return packed[:n], packed[n:], None
-    packed = torch.tensor(
-        tokens + [position + d for d in tree.depth] + tree.visible_rows + tree.visible_cols, device=device
-    )
-    pairs = len(tree.visible_rows)
-    return packed[:n], packed[n : 2 * n], packed[2 * n :].view(2, pairs)
+    pairs = [] if tree.chain else tree.visible_rows + tree.visible_cols  # a chain uses the model's causal mask
+    packed = torch.tensor(tokens + [position + d for d in tree.depth] + pairs, device=device)
+    return packed[:n], packed[n : 2 * n], None if tree.chain else packed[2 * n :].view(2, -1)
 
 
 def _decode_loop(
