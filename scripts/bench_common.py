@@ -240,3 +240,18 @@ def run_record(device: str, extra_packages: Sequence[str] = ()) -> dict:
         "cpu_threads": torch.get_num_threads(),
         **provenance(),
     }
+
+
+def no_activation_checkpointing() -> dict[str, bool]:
+    """Training-argument keywords that turn activation checkpointing off, under the name this transformers reads.
+
+    trl's `SFTConfig` turns it on by default (`gradient_checkpointing=True`), which only slows a small CPU model down.
+    transformers 5.24 renamed the field to `activation_checkpointing` and warns on the old name; 5.20 knows only the
+    old one.
+    """
+    import dataclasses
+
+    import transformers
+
+    names = {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}

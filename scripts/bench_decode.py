@@ -43,7 +43,15 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from bench_common import add_common_arguments, git_state, option_names, output_stem, run_record, with_suffix
+from bench_common import (
+    add_common_arguments,
+    git_state,
+    no_activation_checkpointing,
+    option_names,
+    output_stem,
+    run_record,
+    with_suffix,
+)
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
@@ -310,7 +318,7 @@ def fine_tune(args, pretrained: Path, tokenizer, sft, noise_length: int, work: P
             per_device_eval_batch_size=args.sft_batch,
             learning_rate=args.sft_lr,
             max_length=args.sft_max_length,
-            gradient_checkpointing=False,
+            **no_activation_checkpointing(),
             noise_length=noise_length,
             use_cpu=not torch.cuda.is_available(),
         )

@@ -15,7 +15,9 @@ results are reused from `--work-dir` (same prompts and length).
     python scripts/bench_msn_noise.py --size micro --output /tmp/msn_noise      # the CI check: trains its own model
 
 `--pretrained` is a checkpoint folder with its tokenizer (e.g. the `pretrain` stage of `bench_decode.py --work-dir`);
-without it the script pre-trains a model of the size's preset first (cached in `--work-dir`).
+without it the script pre-trains a model of the size's preset first (`pretrain_steps` blocks of the size's length and
+batch, cached in `--work-dir`). On a CUDA GPU training runs under bf16 autocast (float32 weights) and decoding in
+float32, so that exactness against greedy stays token for token.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, also when loaded as a module
 
-from bench_common import add_common_arguments, option_names, output_stem, run_record, with_suffix  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_common_arguments,
+    no_activation_checkpointing,
+    option_names,
+    output_stem,
+    run_record,
+    source_digest,
+    with_suffix,
+)
 from bench_decode import ForwardCounter, _interval, decode, load_prompts  # noqa: E402
 
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, load_tokenizer, pack_dataset, train_tokenizer  # noqa: E402
@@ -57,6 +67,8 @@ SIZES = {
         max_files=300,
         vocab_size=512,
         pretrain_steps=20,
+        pretrain_block_size=128,
+        pretrain_batch=8,
         sft_steps=6,
         sft_batch=4,
         sft_lr=1e-3,
@@ -73,6 +85,8 @@ SIZES = {
         max_files=3000,
         vocab_size=4096,
         pretrain_steps=800,
+        pretrain_block_size=256,
+        pretrain_batch=16,
         sft_steps=400,
         sft_batch=8,
         sft_lr=5e-4,
@@ -88,6 +102,8 @@ SIZES = {
         max_files=None,
         vocab_size=8192,
         pretrain_steps=6000,
+        pretrain_block_size=512,
+        pretrain_batch=16,
         sft_steps=1500,
         sft_batch=16,
         sft_lr=3e-4,
@@ -137,17 +153,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--schedules", default=None, help="Comma-separated schedules, e.g. L0,L5,L8,L5-uniform,L5-half."
     )
-    for key in ("max_files", "sft_steps", "humaneval_prompts", "corpus_prompts", "max_new_tokens"):
+    for key in ("max_files", "pretrain_steps", "sft_steps", "humaneval_prompts", "corpus_prompts", "max_new_tokens"):
         parser.add_argument(*option_names(key), type=int, default=None, help="override the size's value")
     args = parser.parse_args(argv)
     for key, value in SIZES[args.size].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.output = args.output or f"scripts/results/msn_noise_{args.size}"
-    if args.size == "gpu" and not args.pretrained:  # the built-in pre-training is a small CPU-sized run
-        parser.error(
-            "--size gpu needs --pretrained (e.g. the pretrain stage of bench_decode.py --size gpu --work-dir DIR)"
-        )
     try:
         args.schedule_list = [Schedule.parse(name) for name in args.schedules.split(",")]
     except ValueError as error:
@@ -165,11 +177,12 @@ def pretrained_checkpoint(args, work: Path) -> Path:
         return out
     corpus = load_corpus("python", scope=args.scope, max_files=args.max_files)
     tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size)
-    blocks = pack_dataset(corpus["train"], tokenizer, 128)
+    blocks = pack_dataset(corpus["train"], tokenizer, args.pretrain_block_size)
     model = build_model(
         args.preset,
         "llama",
         vocab_size=len(tokenizer),
+        max_position_embeddings=max(1024, args.pretrain_block_size, args.sft_max_length + args.max_new_tokens),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -178,11 +191,12 @@ def pretrained_checkpoint(args, work: Path) -> Path:
     training = transformers.TrainingArguments(
         output_dir=str(out),
         max_steps=args.pretrain_steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.pretrain_batch,
         learning_rate=3e-3,
         report_to="none",
         save_strategy="no",
         use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
         seed=0,
         disable_tqdm=True,
     )
@@ -218,7 +232,8 @@ def fine_tune(args, pretrained: Path, tokenizer, sft, schedule: Schedule, work: 
         logging_steps=50,
         seed=0,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        bf16=torch.cuda.is_available(),
+        **no_activation_checkpointing(),
         disable_tqdm=True,
     )
     held_out = datasets.concatenate_datasets([sft["validation"], sft["test"]])  # functions of files never trained on
@@ -270,16 +285,23 @@ def acceptance(model, tokenizer, prompts, args) -> dict:
     }
 
 
+def load_for_decoding(checkpoint: Path):
+    """The fine-tuned model as a user decodes it: reloaded from disk, float32 (exactness is token for token), on the
+    GPU when there is one."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
 def _cached_acceptance(checkpoint: Path, tokenizer, prompts, args) -> dict:
-    """`acceptance` of the checkpoint, reused from an earlier run on the same prompts and length."""
+    """`acceptance` of the checkpoint, reused from an earlier run on the same prompts and length by the same code."""
     cache = checkpoint / "msn_noise_decoding.json"
-    key = {"prompts": [p["id"] for p in prompts], "max_new_tokens": args.max_new_tokens}
+    # a change to the package or the scripts (the source digest) invalidates the saved results
+    key = {"prompts": [p["id"] for p in prompts], "max_new_tokens": args.max_new_tokens, "source": source_digest()}
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved["key"] == key:
             return saved["decoding"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    decoding = acceptance(model, tokenizer, prompts, args)
+    decoding = acceptance(load_for_decoding(checkpoint), tokenizer, prompts, args)
     cache.write_text(json.dumps({"key": key, "decoding": decoding}))
     return decoding
 
@@ -335,14 +357,13 @@ def main(argv=None) -> int:
     }
     for schedule in args.schedule_list:
         checkpoint, loss, seconds = fine_tune(args, pretrained, tokenizer, sft, schedule, work)
-        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         report["models"][schedule.name] = {
             "noise_length": schedule.noise_length,
             "noise_kind": schedule.noise_kind,
             "noise_fraction": schedule.noise_fraction,
             "eval_loss": loss,
             "train_seconds": seconds,
-            "decoding": acceptance(model, tokenizer, prompts, args),
+            "decoding": _cached_acceptance(checkpoint, tokenizer, prompts, args),
         }
         logger.info(
             "%s: %s",

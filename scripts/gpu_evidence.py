@@ -7,6 +7,7 @@ Each part runs its benchmark script as a subprocess, through the script's own co
     patch    bench_patch.py    patch-level vs token-level training (34M llama)
     ode      bench_ode.py      ODE-shared models: validation loss and decode latency against solver steps
     decode   bench_decode.py   MSN + Jacobi / TR-Jacobi vs greedy, static-cache greedy, prompt lookup, in bf16
+    msn      bench_msn_noise.py  MSN noise schedules from one pre-trained checkpoint: tokens per forward, float32
     cascade  bench_cascade.py  cascade-aware training variants vs standard fine-tuning: deferral curves
 
 Before running, every part's time is estimated from its FLOPs (6 x params x tokens for training, 2 x params x
@@ -23,6 +24,7 @@ GPU; `--plan` and `--dry-run` do not.
     bash scripts/gpu_evidence.sh --part kernels,patch,ode      # installs from wheelhouse/ first, then runs this
     bash scripts/gpu_evidence.sh --part decode                  # (the split `--plan` prints on a 16-core machine)
     bash scripts/gpu_evidence.sh --part cascade
+    bash scripts/gpu_evidence.sh --part msn
     python scripts/gpu_evidence.py --plan [--cores 16]          # print the estimates and the split, run nothing
     python scripts/gpu_evidence.py --dry-run                    # every part at a micro size on CPU (CI)
 """
@@ -102,6 +104,8 @@ class Part:
     dry_args: list[str]
     gpu_only: tuple[str, ...] = ()
     pngs: tuple[str, ...] = ("",)
+    # the script keeps checkpoints in `--work-dir`: given a fresh temporary folder (not under scripts/results/)
+    work_dir: bool = False
 
 
 PARTS = {
@@ -291,6 +295,48 @@ PARTS = {
             ],
             pngs=("", "_sequence", "_decoded"),
         ),
+        Part(
+            "msn",
+            "bench_msn_noise.py",
+            "MSN noise schedules: tokens per forward of jacobi / tr_jacobi (float32)",
+            [
+                "--size",
+                "gpu",
+                "--max-files",
+                "2500",
+                "--pretrain-steps",
+                "1500",
+                "--sft-steps",
+                "300",
+                "--humaneval-prompts",
+                "12",
+                "--corpus-prompts",
+                "8",
+                "--max-new-tokens",
+                "64",
+                "--schedules",
+                "L0,L1,L5",
+            ],
+            [
+                "--size",
+                "micro",
+                "--max-files",
+                "300",
+                "--pretrain-steps",
+                "3",
+                "--sft-steps",
+                "2",
+                "--humaneval-prompts",
+                "1",
+                "--corpus-prompts",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--schedules",
+                "L0,L5",
+            ],
+            work_dir=True,
+        ),
     )
 }
 
@@ -477,6 +523,31 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
         forwards = prompts * len(decoded) * runs * 1.25 * cfg.get("new_tokens", 0)
         flops += forwards * 2 * (small + large)
         comp["decoded curves"] = forwards * DECODE_FORWARD_S
+    elif part.name == "msn":
+        cfg = dict(module.SIZES[_flag(args, "--size")])
+
+        def get(key):
+            value = _flag(args, f"--{key.replace('_', '-')}", cfg[key])
+            return None if value is None else int(value)
+
+        hidden, layers, _, intermediate = _preset_dims(cfg["preset"])
+        params = llama_params(cfg["vocab_size"], hidden, layers, intermediate)
+        block = cfg["pretrain_block_size"]
+        pretrain = (
+            get("pretrain_steps") * cfg["pretrain_batch"] * block * train_flops_per_token(params, layers, block, hidden)
+        )
+        schedules = len((_flag(args, "--schedules") or cfg["schedules"]).split(","))
+        sft = schedules * get("sft_steps") * cfg["sft_batch"] * cfg["sft_max_length"] * 6 * params
+        prompts = get("humaneval_prompts") + get("corpus_prompts")
+        # per model: greedy + every strategy per prompt, one warm-up call per strategy; at most a forward per token
+        strategies = len(getattr(module, "STRATEGIES", ("jacobi", "tr_jacobi", "tr_jacobi_msn")))
+        forwards = schedules * (prompts * (1 + strategies) + strategies) * get("max_new_tokens")
+        flops = pretrain + sft + forwards * 2 * params
+        chars = sizer.chars(_flag(args, "--scope", cfg["scope"]), get("max_files") or None)
+        comp.update(data_prep_s(chars, prepared, ("msn", get("max_files")), cores, sft=True))
+        comp["pre-training"] = pretrain / TRAIN_FLOPS_PER_S + RUN_OVERHEAD_S
+        comp["fine-tuning"] = sft / TRAIN_FLOPS_PER_S + schedules * (RUN_OVERHEAD_S + 5)
+        comp["decoding"] = forwards * DECODE_FORWARD_S
     else:
         raise ValueError(f"unknown part {part.name!r}; choose from {', '.join(PARTS)}")
     return Estimate(seconds=sum(comp.values()), flops=flops, parts={k: round(v, 1) for k, v in comp.items()})
@@ -622,8 +693,10 @@ def part_command(part: Part, stem: Path, dry: bool, humaneval: Path | None) -> l
     args = [a for a in part.gpu_args if not (dry and a in part.gpu_only)]
     if dry:
         args += part.dry_args
-    if part.name == "decode" and humaneval is not None:
+    if part.name in ("decode", "msn") and humaneval is not None:
         args += ["--humaneval", str(humaneval)]
+    if part.work_dir:
+        args += ["--work-dir", tempfile.mkdtemp(prefix=f"gpu_evidence_{part.name}_")]
     return [sys.executable, str(REPO / "scripts" / part.script), *args, "--output", str(stem)]
 
 
@@ -688,6 +761,15 @@ def key_results(name: str, result: dict) -> str:
             )
             parts.append(f"{model}: {best}")
         return "speedup/agreement with greedy: " + "; ".join(parts)
+    if name == "msn":
+        parts = []
+        for schedule, model in result["models"].items():
+            counts = ", ".join(
+                f"{strategy} {row['tokens_per_forward'][0]:.2f} ({row['equal_to_greedy']}/{row['prompts']} exact)"
+                for strategy, row in model["decoding"].items()
+            )
+            parts.append(f"{schedule} (loss {model['eval_loss']:.3f}): {counts}")
+        return "tokens per forward: " + "; ".join(parts)
     if name == "cascade":
         gain = result.get("best_gain_in_token_area_vs_standard")
         gain_text = "n/a" if gain is None else f"{gain:+.4f}"

@@ -116,6 +116,7 @@ def test_run_limited_stops_an_overrunning_command(tmp_path):
         ("ode", "ode_cpu_small_steps"),
         ("decode", "decode_cpu_mini"),
         ("cascade", "cascade_cpu_small"),
+        ("msn", "msn_noise_cpu_mini"),
     ],
 )
 def test_key_results_read_recorded_results(part, name):
