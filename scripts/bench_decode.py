@@ -16,6 +16,9 @@ One run, side by side:
    forwards of exactly the tokens and masks it verified), and the step overhead ratio (seconds per decoding step,
    prefill subtracted, over ONE separate plain forward of the step's mean width with the same kind of mask on the
    median prompt: a coarser figure, since that one forward sees neither the cache lengths nor the load of each step).
+   On greedy's output, the text-retrieval ceiling (`text_retrieval_ceiling`): the tokens per forward of a drafter
+   that copies, with hindsight, the longest continuation of the current token from anywhere in prompt + generated
+   text, the most that drafting from the text alone can give (the datastore and the model's own drafts add to it).
    By default every method generates exactly `max_new_tokens` (EOS off, so that all methods decode the same length);
    `--stop-at-eos` stops at EOS.
 Writes JSON (device, date, command, versions, every number) and a PNG.
@@ -466,6 +469,36 @@ class ReferenceForward:
         return best
 
 
+def text_retrieval_ceiling(tokens: list[int], start: int, max_draft: int = 10) -> int:
+    """Forwards that greedy decoding of `tokens[start:]` would need with a hindsight drafter of the text itself.
+
+    At each step the drafter sees the text so far (prompt + generated, ending in the current token) and proposes, with
+    hindsight, the longest continuation (at most `max_draft` tokens) copied from any earlier position that holds the
+    current token; the step yields those drafts plus the bonus token. Every retrieval drafter that follows a match of
+    at least one token in the text (the suffix structure, prompt lookup) accepts at most this much along one path, so
+    its tokens per forward are the ceiling of drafting from the text alone. The prefill counts as the first forward
+    (it yields `tokens[start]`), as in the methods' counts.
+    """
+    end = len(tokens) - 1
+    seen: dict[int, list[int]] = {}
+    for j in range(start):
+        seen.setdefault(tokens[j], []).append(j)
+    position, forwards = start, 1
+    while position < end:
+        room = min(max_draft, end - position - 1)  # the last new token comes as the bonus
+        best = 0
+        for j in seen.get(tokens[position], ()):
+            k = 0
+            while k < room and j + 1 + k <= position and tokens[j + 1 + k] == tokens[position + 1 + k]:
+                k += 1
+            best = max(best, k)
+        for j in range(position, min(position + best + 1, end)):
+            seen.setdefault(tokens[j], []).append(j)
+        position += best + 1
+        forwards += 1
+    return forwards
+
+
 def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
     """Per method: per-prompt tokens, forwards, seconds, agreement with greedy; plus the totals.
 
@@ -525,6 +558,9 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
                 "forward_seconds": forward_seconds,
                 "cost_over_own_forwards": seconds / forward_seconds,
             }
+            if method == "greedy":  # what the text alone could give: the ceiling of retrieval drafts (hindsight)
+                tokens = sequences[0].tolist()
+                row["text_retrieval_ceiling_forwards"] = text_retrieval_ceiling(tokens, int(ids.shape[1]))
             if width is not None:  # seconds per decoding step over one plain forward of that width, same mask
                 plain = reference(max(1, round(width)), tree_mask=method.startswith("tr_jacobi"))
                 row["step_ms"] = 1e3 * max(seconds - prefill, 0.0) / steps
@@ -546,6 +582,10 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
             # wall-clock over the model's own forwards in the same calls (prefill included in both)
             "cost_over_own_forwards": seconds / sum(r["forward_seconds"] for r in mine),
         }
+        if method == "greedy":
+            ceiling = [r["text_retrieval_ceiling_forwards"] for r in mine]
+            result["text_retrieval_ceiling_tokens_per_forward"] = tokens / sum(ceiling)
+            result["text_retrieval_ceiling_95"] = _interval([r["new_tokens"] / f for r, f in zip(mine, ceiling)])
         if all("step_ms" in r for r in mine):
             result["step_ms"] = statistics.fmean(r["step_ms"] for r in mine)
             result["step_overhead_ratio"] = statistics.median(r["step_overhead_ratio"] for r in mine)
@@ -603,6 +643,9 @@ def plot(report: dict, path: Path) -> None:
             capsize=2,
             label=name,
         )
+        ceiling = res["greedy"].get("text_retrieval_ceiling_95")
+        if ceiling:  # recorded from this version on
+            axes[1].axhline(ceiling[0], color=f"C{m}", ls="--", lw=0.9, label=f"{name}: text-retrieval ceiling")
         axes[2].bar(xs, [res[k].get("cost_over_own_forwards", 0.0) for k in methods], width, label=name)
     titles = (
         "wall-clock speedup over greedy generate",

@@ -166,6 +166,20 @@ def test_msn_noise_schedules_parse_and_bad_ones_are_refused(capsys):
         with pytest.raises(SystemExit):
             study.parse_args(["--size", "micro", "--schedules", bad])
         assert f"bad schedule {bad!r}: expected L<length> with optional -uniform / -half" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        study.parse_args(["--size", "gpu"])
-    assert "--size gpu needs --pretrained" in capsys.readouterr().err
+    # without --pretrained every size pre-trains its own model, at its own block length and batch
+    gpu = study.parse_args(["--size", "gpu", "--pretrain-steps", "1500"])
+    assert (gpu.pretrained, gpu.pretrain_steps, gpu.pretrain_block_size, gpu.pretrain_batch) == (None, 1500, 512, 16)
+
+
+def test_text_retrieval_ceiling_copies_the_best_earlier_continuation():
+    ceiling = load_script("bench_decode").text_retrieval_ceiling
+    # prompt 1 2 3 4, then greedy repeats it: one step copies 2 3 (the bonus is 4), after the prefill's 1
+    assert ceiling([1, 2, 3, 4, 1, 2, 3, 4], start=4) == 2
+    # nothing in the text recurs: one forward per new token
+    assert ceiling([1, 2, 3, 4, 5, 6, 7, 8], start=4) == 4
+    # the longest of two earlier continuations of the current token wins (5 6 7 after the second 9, not 5 8)
+    assert ceiling([9, 5, 8, 9, 5, 6, 7, 0, 9, 5, 6, 7, 0], start=8) == 2
+    # the text generated so far is searched too, but only what is already known can be copied: a run of 12 ones takes
+    # the prefill, then 0, 1, 3 and 3 drafts (capped by the last token coming as a bonus); at most max_draft per step
+    tokens = [7] + [1] * 12
+    assert ceiling(tokens, start=1) == 5 and ceiling(tokens, start=1, max_draft=2) == 6

@@ -260,6 +260,12 @@ def test_bench_decode(tmp_path):
         for name in ("greedy", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore"):
             assert methods[name]["step_overhead_ratio"] > 0 and methods[name]["mean_tree_size"] >= 1
         assert methods["tr_jacobi_msn"]["mean_tree_size"] > methods["jacobi"]["mean_tree_size"]
+        mean, low, high = methods["greedy"]["text_retrieval_ceiling_95"]  # drafting from the text, with hindsight
+        assert (
+            low <= mean <= high
+            and mean >= 1.0
+            and methods["greedy"]["text_retrieval_ceiling_tokens_per_forward"] >= 1.0
+        )
     assert result["datastore"]["split"] == "train" and result["datastore"]["tokens"] > 0
 
 
