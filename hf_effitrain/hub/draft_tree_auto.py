@@ -4,8 +4,7 @@ Each step verifies the tree that maximises expected new tokens per second:
 
 - **Cost** (`ForwardCost`): the model's forward time for 1..N new tokens over the cache with a tree mask, measured
   once on its device (a handful of forwards right after the first prefill, rolled back) and cached per model,
-  device, dtype and thread count; measured again at the next call when the steps' own forwards drift from it by
-  more than 25% (the measurement met a burst of load, or the load changed). On a GPU the curve is flat to ~64 tokens (many drafts are free); on a small CPU
+  device, dtype and thread count. On a GPU the curve is flat to ~64 tokens (many drafts are free); on a small CPU
   model it is not (here 4.7 / 5.6 / 9.2 ms for 1 / 16 / 69 tokens), so the same statistics give smaller trees.
 - **Acceptance** (`AcceptanceStats`): every draft cell (a depth and a candidate) has a kind (`pred`: a top-k
   prediction from the previous step, `suffix` / `store`: a retrieval branch, `fill`: a token drawn from the history)
@@ -24,11 +23,8 @@ This file ships inside checkpoints (`hub/`): it imports only the standard librar
 from __future__ import annotations
 
 import heapq
-import logging
-import statistics
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -42,13 +38,6 @@ _FILL_PRIOR = 0.02
 _BINS = 8
 _MAX_DEPTH_BUCKET = 4
 _PATIENCE = 6  # nodes added without a better rate before the expansion stops
-# A measured cost curve is judged on the forwards of the steps that used it: when the median of the last
-# `_STALE_AFTER` steps' forward times over the curve lies outside [1 / _STALE_RATIO, _STALE_RATIO], the one-off
-# measurement met a load that has gone (or one that came since): the next call measures again.
-_STALE_AFTER = 32
-_STALE_RATIO = 1.25
-
-logger = logging.getLogger(__name__)
 
 
 class Cell(NamedTuple):
@@ -103,7 +92,6 @@ class ForwardCost:
         self.seconds = []
         for value in seconds:  # a timing blip must not make a bigger tree look cheaper
             self.seconds.append(max(value, self.seconds[-1]) if self.seconds else value)
-        self._ratios: deque[float] = deque(maxlen=_STALE_AFTER)  # steps' forward seconds over the measured curve
 
     def __call__(self, n: int) -> float:
         table = self._table
@@ -116,20 +104,8 @@ class ForwardCost:
         """Lower the cost of `n` tokens to a step's measured forward time when that was cheaper (a burst of load during
         the one-off measurement must not keep a size looking expensive)."""
         self(n)  # makes sure the table covers n
-        self._ratios.append(seconds / max(self._interpolate(n), 1e-12))
         if seconds < self._table[n]:
             self._table[n] = seconds
-
-    @property
-    def drift(self) -> float | None:
-        """Median of the last observed steps' forward seconds over the measured curve (None until enough steps)."""
-        return statistics.median(self._ratios) if len(self._ratios) == _STALE_AFTER else None
-
-    @property
-    def stale(self) -> bool:
-        """Whether the steps ran so much faster or slower than measured that the curve should be measured again."""
-        drift = self.drift
-        return drift is not None and not 1 / _STALE_RATIO <= drift <= _STALE_RATIO
 
     def _interpolate(self, n: int) -> float:
         sizes, seconds = self.sizes, self.seconds
@@ -152,22 +128,14 @@ _COSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, ForwardCost]]" =
 def forward_cost(model: torch.nn.Module, max_tokens: int, run: Callable[[int], None], repeats: int = 3) -> ForwardCost:
     """The model's `ForwardCost` up to `max_tokens` tokens, measured with `run(n)` (one forward of n tokens) once.
 
-    Cached per model, device, dtype and thread count. A later call measures again when it asks for a larger
-    `max_tokens`, or when the steps that used the curve ran at a median of more than 1.25x or less than 0.8x of it
-    (`ForwardCost.stale`: the measurement met a burst of load, or the machine's load changed since).
+    Cached per model, device, dtype and thread count (a later call with a larger `max_tokens` measures again).
     """
     param = next(model.parameters())
     key = (param.device.type, param.device.index, param.dtype, torch.get_num_threads())
     per_model = _COSTS.setdefault(model, {})
     cached = per_model.get(key)
     if cached is not None and cached.sizes[-1] >= max_tokens:
-        if not cached.stale:
-            return cached
-        logger.info(
-            "measuring the forward cost again: the last %d steps ran at %.2fx the measured curve",
-            _STALE_AFTER,
-            cached.drift,
-        )
+        return cached
     sizes = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if n < max_tokens} | {max_tokens})
     run(sizes[-1])  # warm-up at the largest shape (allocator)
     seconds = [float("inf")] * len(sizes)

@@ -11,7 +11,7 @@ import hf_effitrain
 from hf_effitrain.data import load_corpus, train_tokenizer
 from hf_effitrain.data.datastore import build_datastore, load_datastore, save_datastore
 from hf_effitrain.hub import generation_jacobi
-from hf_effitrain.hub.draft_tree_auto import AcceptanceStats, Cell, ForwardCost, forward_cost, select_tree
+from hf_effitrain.hub.draft_tree_auto import AcceptanceStats, Cell, ForwardCost, select_tree
 from hf_effitrain.hub.retrieval_datastore import RetrievalDatastore
 from tests.testing_utils import ARCHITECTURES, tiny_model
 
@@ -86,29 +86,6 @@ def test_forward_cost_interpolates_and_never_decreases():
     cost = ForwardCost([1, 4, 8], [2.0, 1.5, 4.0])
     assert cost.seconds == [2.0, 2.0, 4.0]
     assert cost(6) == pytest.approx(3.0) and cost(16) == pytest.approx(8.0) and cost(1) == 2.0
-
-
-def test_forward_cost_is_measured_again_when_the_steps_drift_from_it():
-    model = torch.nn.Linear(2, 2)
-    measured = []
-
-    def run(n: int) -> None:
-        measured.append(n)
-
-    cost = forward_cost(model, 8, run)
-    rounds = len(measured)
-    assert rounds > 0 and forward_cost(model, 8, run) is cost and len(measured) == rounds  # cached
-    four = cost(4)  # as measured
-    for _ in range(40):  # steps at the measured cost: the curve stands
-        cost.observe(4, four)
-    assert cost.drift == pytest.approx(1.0) and not cost.stale
-    assert forward_cost(model, 8, run) is cost
-    for _ in range(40):  # the measurement met a load that has gone: steps run at half the curve
-        cost.observe(4, 0.5 * four)
-    assert cost.drift == pytest.approx(0.5) and cost.stale
-    again = forward_cost(model, 8, run)
-    assert again is not cost and len(measured) == 2 * rounds and not again.stale
-    assert forward_cost(model, 8, run) is again
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
