@@ -4,7 +4,12 @@ SuffixDecoding-style (Oliaro et al. 2024): every n-gram (n <= `max_ngram`) of pr
 tokens that followed it. A step's proposals start from the longest suffix of the text that occurred before: its
 `branches` most frequent next tokens each open a branch, extended greedily by the most frequent (then most recent)
 next token of the longest matching context. Each proposed token carries a confidence, the share of the context's
-occurrences that it followed (`count / (total + 1)`: one occurrence gives 0.5, not certainty).
+occurrences that it followed (`count / (total + 1)`: one occurrence gives 0.5, not certainty), raised when the text
+before the branch's most recent occurrence matches the current text for longer than the context (`m` tokens,
+`m > max_ngram`): the confidence's distance to 1 shrinks by `max_ngram / m`. A stretch repeated verbatim (a copied
+line, a loop the model fell into) usually goes on repeating, and the auto tree, which calibrates acceptance per
+confidence bin, then verifies such chains deeper (SuffixDecoding scores candidates by match length for the same
+reason).
 
 Grown incrementally: a new token costs `max_ngram` dict updates; a proposal costs a few dict lookups per token, all on
 the host (the acceptance sync already brought the tokens there). Used for drafts only: exactness never depends on it.
@@ -17,6 +22,8 @@ from __future__ import annotations
 import heapq
 
 __all__ = ["SuffixDrafter"]
+
+_MAX_MATCH = 32  # longest match counted behind a proposal's source occurrence
 
 
 class SuffixDrafter:
@@ -71,7 +78,7 @@ class SuffixDrafter:
         firsts = heapq.nlargest(branches, successors.items(), key=lambda item: (item[1][0], item[1][1]))
         proposals = []
         tail = self.tokens[-self.max_ngram :]
-        for token, (count, _) in firsts:
+        for token, (count, last) in firsts:
             chain, confidences = [token], [count / (total + 1)]
             text = tail + chain
             while len(chain) < length:
@@ -82,5 +89,17 @@ class SuffixDrafter:
                 chain.append(best)
                 confidences.append(self.next[context][best][0] / (total_next + 1))
                 text.append(best)
+            match = self._match_length(last)
+            if match > self.max_ngram:  # the text repeats a longer stretch than the context: likely a copy
+                shrink = self.max_ngram / match
+                confidences = [1.0 - (1.0 - c) * shrink for c in confidences]
             proposals.append((chain, confidences))
         return proposals
+
+    def _match_length(self, position: int) -> int:
+        """How many tokens before `position` equal the text's last tokens (at most `_MAX_MATCH`)."""
+        t, end = self.tokens, len(self.tokens)
+        n = 0
+        while n < _MAX_MATCH and position - 1 - n >= 0 and t[position - 1 - n] == t[end - 1 - n]:
+            n += 1
+        return n

@@ -290,3 +290,11 @@ def test_msn_suffix_drafter_frequency_ranked_branches():
     assert SuffixDrafter([5, 6, 7], 3).propose(2, 2) == [] and SuffixDrafter([7, 7], 3).propose(1, 4) == [
         ([7, 7, 7, 7], [0.5] * 4)
     ]
+
+
+def test_msn_suffix_drafter_trusts_long_verbatim_repeats_more():
+    # the last 8 tokens occurred before, followed by 50: a copy, more likely than a match of the 3-token context alone
+    copied = SuffixDrafter([1, 2, 3, 4, 5, 6, 7, 8, 50, 1, 2, 3, 4, 5, 6, 7, 8], max_ngram=3).propose(1, 1)
+    assert copied == [([50], [pytest.approx(1 - 0.5 * 3 / 8)])]
+    short = SuffixDrafter([9, 6, 7, 8, 50, 1, 6, 7, 8], max_ngram=3).propose(1, 1)
+    assert short == [([50], [0.5])]
