@@ -492,7 +492,7 @@ def text_retrieval_ceiling(tokens: list[int], start: int, max_draft: int = 10) -
             while k < room and j + 1 + k <= position and tokens[j + 1 + k] == tokens[position + 1 + k]:
                 k += 1
             best = max(best, k)
-        for j in range(position, min(position + best + 1, end)):
+        for j in range(position, position + best + 1):  # now known: the root and the accepted drafts
             seen.setdefault(tokens[j], []).append(j)
         position += best + 1
         forwards += 1
@@ -559,8 +559,8 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
                 "cost_over_own_forwards": seconds / forward_seconds,
             }
             if method == "greedy":  # what the text alone could give: the ceiling of retrieval drafts (hindsight)
-                tokens = sequences[0].tolist()
-                row["text_retrieval_ceiling_forwards"] = text_retrieval_ceiling(tokens, int(ids.shape[1]))
+                output = sequences[0].tolist()
+                row["text_retrieval_ceiling_forwards"] = text_retrieval_ceiling(output, int(ids.shape[1]))
             if width is not None:  # seconds per decoding step over one plain forward of that width, same mask
                 plain = reference(max(1, round(width)), tree_mask=method.startswith("tr_jacobi"))
                 row["step_ms"] = 1e3 * max(seconds - prefill, 0.0) / steps
