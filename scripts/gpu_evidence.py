@@ -32,6 +32,7 @@ GPU; `--plan` and `--dry-run` do not.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -357,6 +358,12 @@ def _flag(args: list[str], flag: str, default=None):
     return args[len(args) - 1 - args[::-1].index(flag) + 1] if flag in args else default
 
 
+def _size_int(args: list[str], cfg: dict, key: str) -> int | None:
+    """An integer size value: the `--<key>` flag in `args` (dashed spelling) if given, else the size table's `cfg[key]`."""
+    value = _flag(args, f"--{key.replace('_', '-')}", cfg[key])
+    return None if value is None else int(value)
+
+
 @dataclass
 class Estimate:
     """A part's estimated wall-clock seconds, FLOPs, and seconds per component (startup, data, training, ...)."""
@@ -470,10 +477,7 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
     elif part.name == "decode":
         cfg = dict(module.SIZES[_flag(args, "--size")])
 
-        def get(key):
-            value = _flag(args, f"--{key.replace('_', '-')}", cfg[key])
-            return None if value is None else int(value)
-
+        get = functools.partial(_size_int, args, cfg)
         hidden, layers, _, intermediate = _preset_dims(cfg["preset"], cfg["config_overrides"])
         params = llama_params(cfg["vocab_size"], hidden, layers, intermediate)
         block = cfg["block_size"]
@@ -526,10 +530,7 @@ def estimate(part: Part, sizer: CorpusSizer, prepared: set, cores: int) -> Estim
     elif part.name == "msn":
         cfg = dict(module.SIZES[_flag(args, "--size")])
 
-        def get(key):
-            value = _flag(args, f"--{key.replace('_', '-')}", cfg[key])
-            return None if value is None else int(value)
-
+        get = functools.partial(_size_int, args, cfg)
         hidden, layers, _, intermediate = _preset_dims(cfg["preset"])
         params = llama_params(cfg["vocab_size"], hidden, layers, intermediate)
         block = cfg["pretrain_block_size"]
