@@ -68,6 +68,16 @@ class AcceptanceStats:
         prior = _FILL_PRIOR if kind == "fill" else confidence
         return (self.hits.get(key, 0.0) + _PRIOR_WEIGHT * prior) / (self.tries.get(key, 0.0) + _PRIOR_WEIGHT)
 
+    def estimate_row(self, row: list[Cell], depth: int) -> list[float]:
+        """`estimate` of every cell of one row (one call per row: the tree selection runs it every step)."""
+        bucket, hits, tries = min(depth, _MAX_DEPTH_BUCKET), self.hits, self.tries
+        estimates = []
+        for token, kind, confidence, _ in row:
+            key = (kind, bucket, min(int(confidence * _BINS), _BINS - 1))
+            prior = _FILL_PRIOR if kind == "fill" else confidence
+            estimates.append((hits.get(key, 0.0) + _PRIOR_WEIGHT * prior) / (tries.get(key, 0.0) + _PRIOR_WEIGHT))
+        return estimates
+
     def update(self, rows: list[list[Cell]], truth: list[int]) -> None:
         """Count every cell of the rows whose true token is known (`truth[d]` for row `d`)."""
         for depth, (row, token) in enumerate(zip(rows, truth), start=1):
@@ -259,22 +269,30 @@ def select_tree(
     """
     if budget < 1 or not rows:
         return StepTree([], [])
-    # per row: candidate indices sorted by calibrated probability, split into the shared group and retrieval branches
-    probs = [[stats.estimate(c.kind, d, c.confidence) for c in row] for d, row in enumerate(rows, start=1)]
-    shared = [
-        sorted((j for j, c in enumerate(row) if c.branch < 0), key=lambda j, p=p: -p[j]) for row, p in zip(rows, probs)
-    ]
-    by_branch = [{c.branch: j for j, c in enumerate(row) if c.branch >= 0} for row in rows]
-    root_order = sorted(range(len(rows[0])), key=lambda j: -probs[0][j])
+    # Per row, built when the expansion first reaches it (it usually stops a few rows deep): the calibrated
+    # probabilities, the shared candidates sorted by them, and the cell of each retrieval branch.
+    probs: list[list[float] | None] = [None] * len(rows)
+    shared: list[list[int]] = [[]] * len(rows)
+    by_branch: list[dict[int, int]] = [{}] * len(rows)
+
+    def prepare(d: int) -> list[float]:
+        p = probs[d]
+        if p is None:
+            row = rows[d]
+            p = probs[d] = stats.estimate_row(row, d + 1)
+            shared[d] = sorted((j for j, c in enumerate(row) if c.branch < 0), key=p.__getitem__, reverse=True)
+            by_branch[d] = {c.branch: j for j, c in enumerate(row) if c.branch >= 0}
+        return p
 
     def options(d: int, branch: int) -> list[int]:
         """Candidates of row `d` under a node of `branch` (-1: a shared node; retrieval only continues its own)."""
         if d >= len(rows):
             return []
-        if branch < 0:
-            return shared[d]
-        own = by_branch[d].get(branch)
-        return shared[d] if own is None else sorted([own, *shared[d]], key=lambda j: -probs[d][j])
+        p = prepare(d)
+        own = by_branch[d].get(branch) if branch >= 0 else None
+        return shared[d] if own is None else sorted([own, *shared[d]], key=p.__getitem__, reverse=True)
+
+    root_order = sorted(range(len(rows[0])), key=prepare(0).__getitem__, reverse=True)
 
     parents: list[int] = []
     cells: list[tuple[int, int]] = []
@@ -301,9 +319,11 @@ def select_tree(
         cell = rows[d][order[k]]
         twin = seen.get((parent, cell.token))
         if twin is not None:  # the same token already sits here: let a retrieval branch continue under it
-            own = by_branch[d + 1].get(cell.branch) if cell.branch >= 0 and d + 1 < len(rows) else None
-            if own is not None:
-                push(twin, node_prob[twin], d + 1, [own], 0)
+            if cell.branch >= 0 and d + 1 < len(rows):
+                prepare(d + 1)
+                own = by_branch[d + 1].get(cell.branch)
+                if own is not None:
+                    push(twin, node_prob[twin], d + 1, [own], 0)
             continue
         seen[(parent, cell.token)] = len(parents) + 1
         parents.append(parent)

@@ -16,7 +16,9 @@ decoding would have produced, plus the model's own next token (the "bonus"): the
   The accepted path's keys/values are compacted into place in the `DynamicCache`, the rest is cropped.
 
 Per step: one forward, one host sync (greedy tokens + top-k come back together), no allocation that grows with the
-prompt (the tree mask and the output ids live in buffers allocated once per call).
+prompt (the tree mask and the output ids live in buffers allocated once per call). Logits processors (min length,
+repetition penalty, ...) are applied only to the nodes the acceptance walk reaches, one node at a time with its own
+prefix: about one call per accepted token, as greedy makes, and one sync each.
 
 Both go through `GenerationMixin.generate(model, ..., custom_generate=<loop>)`, so transformers prepares everything a
 user relies on (generation-config merge, attention mask, stopping criteria with EOS / `max_new_tokens`, logits
@@ -436,17 +438,34 @@ def _compact_cache(cache: DynamicCache, start: int, source: list[int], remove: i
     cache.crop(-remove)  # also with remove == 0: sliding-window layers then drop what they no longer need
 
 
-def _process_scores(
-    logits_processor, sequence: torch.Tensor, tokens: torch.Tensor, tree: StepTree, logits: torch.Tensor
-) -> torch.Tensor:
-    """Apply the logits processors to every node's logits with the node's own prefix, as `_sample` would (slow path)."""
-    if not len(logits_processor):
-        return logits
-    rows = []
-    for node, line in enumerate(tree.ancestors):
-        prefix = torch.cat([sequence, tokens[line[1:]][None]], dim=1) if node else sequence
-        rows.append(logits_processor(prefix, logits[node : node + 1]))
-    return torch.cat(rows, dim=0)
+class _ProcessedPredictions:
+    """Greedy's token at each tree node with the logits processors applied, computed when the acceptance walk first
+    asks for it (`predicted[node]`).
+
+    Each processor call sees one node with its own prefix, as in a batch-1 `_sample` step, and only the nodes the walk
+    reaches are processed (the accepted path, plus any sibling holding the same token): a step makes about as many
+    processor calls as greedy makes for the tokens it yields, not one per draft.
+    """
+
+    def __init__(self, logits_processor, sequence: torch.Tensor, tokens: torch.Tensor, tree: StepTree, logits):
+        self.logits_processor = logits_processor
+        self.sequence = sequence  # the text before the root
+        self.tokens, self.tree, self.logits = tokens, tree, logits
+        self.scores: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, int] = {}
+
+    def __getitem__(self, node: int) -> int:
+        token = self.greedy.get(node)
+        if token is None:
+            line = self.tree.ancestors[node]
+            prefix = torch.cat([self.sequence, self.tokens[line[1:]][None]], dim=1) if node else self.sequence
+            row = self.scores[node] = self.logits_processor(prefix, self.logits[node : node + 1])
+            token = self.greedy[node] = int(row.argmax(dim=-1))
+        return token
+
+    def rows(self, nodes: list[int]) -> torch.Tensor:
+        """The processed scores of `nodes` (all reached by the walk), one row each."""
+        return torch.cat([self.scores[node] for node in nodes], dim=0)
 
 
 @dataclass
@@ -658,6 +677,7 @@ def _decode_loop(
     cost, overhead = None, 0.0
     forward_kwargs = dict(use_cache=True, return_dict=True)
     split_sync = device.type in _SPLIT_SYNC_DEVICES
+    processing = len(logits_processor) > 0
 
     if plan.mode == "auto" and plan.budget and not done:
 
@@ -705,22 +725,27 @@ def _decode_loop(
         inputs.clear()
         logits = out.logits[0].to(dtype=torch.float32, device=device)
         sequence = buffer[:, :length]
-        processed = _process_scores(logits_processor, sequence, tokens, tree, logits)
-        k = min(plan.top_k, processed.shape[-1])
+        k = min(plan.top_k, logits.shape[-1])
         if split_sync:  # CPU: nothing is asynchronous, so top-k waits until the accepted path says which rows matter
-            predicted, top_rows = processed.argmax(dim=-1).tolist(), None
+            predicted, top_rows = logits.argmax(dim=-1).tolist(), None
         else:  # accelerator: the greedy tokens and every row's top-k come back in ONE sync
-            greedy = processed.argmax(dim=-1, keepdim=True)
-            top_probs, top = (torch.softmax(processed, dim=-1) if plan.mode == "auto" else processed).topk(k, dim=-1)
+            greedy = logits.argmax(dim=-1, keepdim=True)
+            top_probs, top = (torch.softmax(logits, dim=-1) if plan.mode == "auto" else logits).topk(k, dim=-1)
             packed = torch.cat([greedy, top], dim=1).tolist()
             predicted, top_rows = [row[0] for row in packed], [row[1:] for row in packed]
             top_probs = top_probs.tolist() if plan.mode == "auto" else None
         forward_end = time.perf_counter()
 
         # 3. Accept the longest root path whose drafts equal greedy's predictions; the bonus token comes with it.
-        path = tree.accept(host_tokens, predicted)
-        new_tokens = [predicted[node] for node in path]
-        step_scores = tuple(processed[path].split(1)) if scores is not None else ()
+        # With logits processors greedy's tokens are those of the processed scores, computed only for the nodes the
+        # walk reaches; the next step's drafts still come from the raw logits (drafts never change the output).
+        verified = _ProcessedPredictions(logits_processor, sequence, tokens, tree, logits) if processing else predicted
+        path = tree.accept(host_tokens, verified)
+        new_tokens = [verified[node] for node in path]
+        if scores is not None:
+            step_scores = tuple((verified.rows(path) if processing else logits[path]).split(1))
+        else:
+            step_scores = ()
         kept, done = stopper.keep(sequence, new_tokens, scores, step_scores)
         if scores is not None:
             scores += step_scores[:kept]
@@ -749,7 +774,7 @@ def _decode_loop(
         if not below or k == 1:
             drafts.predicted = [([predicted[v]], [0.0]) for v in below]
         elif split_sync:
-            scores_below = processed[below]
+            scores_below = logits[below]
             if plan.mode == "auto":
                 probs_below, top_below = torch.softmax(scores_below, dim=-1).topk(k, dim=-1)
                 drafts.predicted = list(zip(top_below.tolist(), probs_below.tolist()))

@@ -101,6 +101,8 @@ def test_msn_exact_with_eos_mask_processors_and_scores(architecture, attn):
         {"eos_token_id": eos},
         {"eos_token_id": eos, "min_new_tokens": 25},  # logits processor that depends on each node's prefix
         {"repetition_penalty": 1.3},
+        {"no_repeat_ngram_size": 2, "bad_words_ids": [[5], [7, 9]]},  # row-wise: one batched call per tree depth
+        {"prefix_allowed_tokens_fn": lambda batch_id, sent: list(range(64))},  # not row-wise: one call per node
         {"attention_mask": left_padded},
         {"max_new_tokens": 3},  # tree deeper than the remaining budget
     ]
