@@ -8,7 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import GenerationConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 import hf_effitrain
 from hf_effitrain.hub.draft_tree_auto import static_step_tree
@@ -158,6 +159,36 @@ def test_msn_retrieval_accepts_several_tokens_per_step(flat_forward_cost):
     # Retrieval alone (top-1 candidates, one column) still copies the cycle several tokens at a time.
     lean = _strategy(model, ids, "tr_jacobi", max_new_tokens=64, tree_top_k=1, return_dict_in_generate=True)
     assert torch.equal(lean.sequences, expected) and lean.num_forwards < 64
+
+
+def test_msn_logits_processors_see_about_one_call_per_accepted_token(flat_forward_cost):
+    class Counting(LogitsProcessor):  # a row-wise processor (repetition penalty) that counts its calls and rows
+        def __init__(self):
+            self.calls, self.penalty = 0, RepetitionPenaltyLogitsProcessor(1.2)
+
+        def __call__(self, input_ids, scores):
+            self.calls += input_ids.shape[0]
+            return self.penalty(input_ids, scores)
+
+    model, ids = _repeating_case()
+    greedy = Counting()
+    expected = _greedy(model, ids, max_new_tokens=48, logits_processor=LogitsProcessorList([greedy]))
+    for strategy, extra in VARIANTS:
+        ours = Counting()
+        out = _strategy(
+            model,
+            ids,
+            strategy,
+            max_new_tokens=48,
+            logits_processor=LogitsProcessorList([ours]),
+            return_dict_in_generate=True,
+            **extra,
+        )
+        assert torch.equal(out.sequences, expected), (strategy, extra)
+        assert greedy.calls == 48
+        # only the accepted path is processed (never every draft); a path cut by max_new_tokens counts whole
+        assert 48 <= ours.calls <= 48 + out.num_forwards, (strategy, extra, ours.calls)
+        assert ours.calls < 1 + sum(out.tree_sizes), (strategy, extra)  # what processing every node would make
 
 
 def test_msn_streamer_receives_accepted_tokens(flat_forward_cost):
