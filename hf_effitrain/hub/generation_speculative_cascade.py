@@ -113,11 +113,38 @@ class _Context:
         self.attention_mask, self.position_ids = self.covering(extra)
 
 
-def _process(logits_processor, ids: torch.LongTensor, logits: torch.Tensor, start: int) -> torch.Tensor:
-    """Apply the logits processors to each row `i` of `logits` `(n, vocab)` with its own prefix `ids[:, :start + i]`."""
-    if not len(logits_processor):
-        return logits
-    return torch.cat([logits_processor(ids[:, : start + i], logits[i : i + 1]) for i in range(logits.shape[0])], dim=0)
+class _LargeScores:
+    """The large model's processed scores at a round's positions, each computed when the acceptance walk reaches it.
+
+    Processing every verified position would cost one logits-processor call per draft; processing only the positions
+    the walk reads (each with its own prefix `ids[:, :start + i]`, as a batch-1 greedy step) costs about one call per
+    accepted token, as greedy `generate` does.
+    """
+
+    def __init__(self, logits_processor, ids: torch.LongTensor, start: int):
+        self.logits_processor, self.ids, self.start = logits_processor, ids, start
+        self.processing = len(logits_processor) > 0
+        self.logits, self.offset, self.rows = None, 0, {}
+
+    def __bool__(self) -> bool:
+        return self.logits is not None
+
+    def run(self, large: _Member, context: _Context, keep: int, offset: int = 0) -> None:
+        """One large forward over the unseen context and drafts; its last `keep` positions start at row `offset`."""
+        mask, positions = context.covering(self.ids.shape[1] - self.start)
+        self.logits, self.offset = large.logits(self.ids, mask, positions, keep=keep)[0], offset
+
+    def all(self) -> torch.Tensor:
+        """Every row at once (only without processors: then the rows are the raw logits)."""
+        return self.logits
+
+    def row(self, i: int) -> torch.Tensor:
+        """Scores `(1, vocab)` of round position `i`."""
+        if i not in self.rows:
+            logits = self.logits[i - self.offset : i - self.offset + 1]
+            prefix = self.ids[:, : self.start + i]
+            self.rows[i] = self.logits_processor(prefix, logits) if self.processing else logits
+        return self.rows[i]
 
 
 def _round(
@@ -140,37 +167,39 @@ def _round(
         small_scores.append(scores)
         drafts.append(int(scores.argmax(-1)))
         ids = torch.cat([ids, ids.new_tensor([[drafts[-1]]])], dim=1)
-    small_scores = torch.cat(small_scores, dim=0) if drafts else None
+    large_scores = _LargeScores(logits_processor, ids, n)
 
-    large_scores = None
-    if drafts and rule == "chow":
-        trusted = trust_small(rule, alpha, small_scores, None)
-    if drafts and (rule != "chow" or not bool(trusted.all())):  # 2. one large forward over the context and the drafts
-        mask, positions = context.covering(draft_len)
-        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=draft_len + 1)[0], n)
-        trusted = trust_small(rule, alpha, small_scores, large_scores[:draft_len])
-    if drafts:  # 3. accept up to the first draft that differs from its target
-        draft_tensor = torch.tensor(drafts, device=small_scores.device)
-        targets = torch.where(
-            trusted, draft_tensor, large_scores[:draft_len].argmax(-1) if large_scores is not None else draft_tensor
-        )
-        n_accepted = int((targets == draft_tensor).long().cumprod(0).sum())
-        flags = trusted.tolist()
-        if n_accepted < draft_len:
-            return drafts[:n_accepted] + [int(targets[n_accepted])], flags[: n_accepted + 1], n_accepted
-    else:
-        n_accepted, flags = 0, []
+    n_accepted, flags = 0, []
+    if drafts:
+        small_scores = torch.cat(small_scores, dim=0)
+        trusted = trust_small(rule, alpha, small_scores, None) if rule == "chow" else None
+        if trusted is None or not bool(trusted.all()):  # 2. one large forward over the context and the drafts
+            large_scores.run(large, context, keep=draft_len + 1)
+        if trusted is None and not large_scores.processing:
+            trusted = trust_small(rule, alpha, small_scores, large_scores.all()[:draft_len])
+        trusted = trusted.tolist() if trusted is not None else None
+        for i, draft in enumerate(drafts):  # 3. accept up to the first draft that differs from its target
+            trust = (
+                trusted[i]
+                if trusted is not None
+                else bool(trust_small(rule, alpha, small_scores[i : i + 1], large_scores.row(i)))
+            )
+            flags.append(trust)
+            target = draft if trust else int(large_scores.row(i).argmax(-1))
+            if target != draft:
+                return drafts[:i] + [target], flags, i
+            n_accepted += 1
 
     # 4. every draft accepted: the bonus position's target (the small model scores it first, the rule may skip the large)
     mask, positions = context.covering(draft_len)
     bonus_small = logits_processor(ids, small.logits(ids, mask, positions, keep=1)[0])
-    if large_scores is None and rule != "chow":
-        large_scores = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1)[0], n + draft_len)
-    bonus_large = None if large_scores is None else large_scores[-1:]
+    if not large_scores and rule != "chow":
+        large_scores.run(large, context, keep=1, offset=draft_len)
+    bonus_large = large_scores.row(draft_len) if rule != "chow" else None  # "chow" reads p_L only if it defers
     trust_bonus = bool(trust_small(rule, alpha, bonus_small, bonus_large))
-    if not trust_bonus and bonus_large is None:
-        bonus_large = _process(logits_processor, ids, large.logits(ids, mask, positions, keep=1)[0], n + draft_len)
-    bonus = int((bonus_small if trust_bonus else bonus_large).argmax(-1))
+    if not trust_bonus and not large_scores:
+        large_scores.run(large, context, keep=1, offset=draft_len)
+    bonus = int((bonus_small if trust_bonus else large_scores.row(draft_len)).argmax(-1))
     return drafts + [bonus], flags + [trust_bonus], n_accepted
 
 

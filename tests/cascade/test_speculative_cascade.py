@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from hf_effitrain.hub.configuration_cascade import SPECULATIVE_DEFAULTS
 from hf_effitrain.hub.generation_speculative_cascade import SpeculativeCascadeOutput, trust_small
@@ -56,6 +56,17 @@ def test_end_points_equal_member_greedy_generate(architecture, draft_len):
             assert stats["small_token_share"] == (1.0 if member is small else 0.0)
             if eos is not None:
                 assert expected.shape[1] - ids.shape[1] <= 4  # stopped on the EOS, not on max_new_tokens
+
+
+class _CountingIdentity(LogitsProcessor):
+    """A logits processor that changes nothing and counts the rows it is called on."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += scores.shape[0]
+        return scores
 
 
 def _positions(mask: torch.Tensor) -> torch.LongTensor:
@@ -133,6 +144,29 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
             assert torch.equal(out.sequences, expected), f"{rule} alpha={alpha} draft_len={draft_len}"
             assert all(got == want for got, want, c in zip(out.from_small[0].tolist(), flags, clear) if c)
             assert sum(out.accepted_lengths) == MAX_NEW and out.small_token_share == pytest.approx(sum(flags) / MAX_NEW)
+            # with a logits processor the large model's scores are processed only where the acceptance walk reads
+            # them; an identity processor must leave every decision as it was without one
+            counting = _CountingIdentity()
+            processed = cascade.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=PAD_ID,
+                strategy=STRATEGY,
+                speculative_rule=rule,
+                speculative_alpha=alpha,
+                cascade_draft_len=draft_len,
+                logits_processor=LogitsProcessorList([counting]),
+                return_dict_in_generate=True,
+            )
+            assert torch.equal(processed.sequences, expected) and torch.equal(processed.from_small, out.from_small)
+            large_calls = counting.calls - processed.num_small_forwards  # one call per small forward, the rest large
+            # every position of the output read p_L once ("chow" only where it did not trust the small model), not
+            # every position each large forward verified
+            walked = MAX_NEW - (int(out.from_small.sum()) if rule == "chow" else 0)
+            assert large_calls == walked, (rule, alpha, draft_len, counting.calls)
         mixed += 0 < sum(flags) < MAX_NEW
     assert mixed, f"no alpha mixed the two members for {rule}; the test would not cover rollbacks"
 
