@@ -127,6 +127,7 @@ class _LargeScores:
         self.logits, self.offset, self.rows = None, 0, {}
 
     def __bool__(self) -> bool:
+        """Whether the round's large forward has run."""
         return self.logits is not None
 
     def run(self, large: _Member, context: _Context, keep: int, offset: int = 0) -> None:
