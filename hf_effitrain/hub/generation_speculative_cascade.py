@@ -176,9 +176,15 @@ def _round(
         trusted = trust_small(rule, alpha, small_scores, None) if rule == "chow" else None
         if trusted is None or not bool(trusted.all()):  # 2. one large forward over the context and the drafts
             large_scores.run(large, context, keep=draft_len + 1)
-        if trusted is None and not large_scores.processing:
-            trusted = trust_small(rule, alpha, small_scores, large_scores.all()[:draft_len])
-        trusted = trusted.tolist() if trusted is not None else None
+        large_greedy = None
+        if large_scores and not large_scores.processing:  # no processors: every decision in one device-to-host read
+            raw = large_scores.all()[:draft_len]
+            if trusted is None:
+                trusted = trust_small(rule, alpha, small_scores, raw)
+            packed = torch.stack([trusted.long(), raw.argmax(-1)]).tolist()
+            trusted, large_greedy = [bool(flag) for flag in packed[0]], packed[1]
+        elif trusted is not None:
+            trusted = trusted.tolist()
         for i, draft in enumerate(drafts):  # 3. accept up to the first draft that differs from its target
             trust = (
                 trusted[i]
@@ -186,7 +192,10 @@ def _round(
                 else bool(trust_small(rule, alpha, small_scores[i : i + 1], large_scores.row(i)))
             )
             flags.append(trust)
-            target = draft if trust else int(large_scores.row(i).argmax(-1))
+            if trust:
+                target = draft
+            else:
+                target = large_greedy[i] if large_greedy is not None else int(large_scores.row(i).argmax(-1))
             if target != draft:
                 return drafts[:i] + [target], flags, i
             n_accepted += 1

@@ -127,8 +127,7 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
         with torch.no_grad():
             expected, flags, clear = _reference(small, large, ids, mask, rule, alpha, MAX_NEW)
         for draft_len in (1, 3):
-            out = cascade.generate(
-                ids,
+            call = dict(
                 attention_mask=mask,
                 max_new_tokens=MAX_NEW,
                 do_sample=False,
@@ -140,6 +139,7 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
                 cascade_draft_len=draft_len,
                 return_dict_in_generate=True,
             )
+            out = cascade.generate(ids, **call)
             assert isinstance(out, SpeculativeCascadeOutput)
             assert torch.equal(out.sequences, expected), f"{rule} alpha={alpha} draft_len={draft_len}"
             assert all(got == want for got, want, c in zip(out.from_small[0].tolist(), flags, clear) if c)
@@ -147,20 +147,7 @@ def test_mixed_deferral_equals_the_token_by_token_rule(architecture, rule):
             # with a logits processor the large model's scores are processed only where the acceptance walk reads
             # them; an identity processor must leave every decision as it was without one
             counting = _CountingIdentity()
-            processed = cascade.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=PAD_ID,
-                strategy=STRATEGY,
-                speculative_rule=rule,
-                speculative_alpha=alpha,
-                cascade_draft_len=draft_len,
-                logits_processor=LogitsProcessorList([counting]),
-                return_dict_in_generate=True,
-            )
+            processed = cascade.generate(ids, **call, logits_processor=LogitsProcessorList([counting]))
             assert torch.equal(processed.sequences, expected) and torch.equal(processed.from_small, out.from_small)
             large_calls = counting.calls - processed.num_small_forwards  # one call per small forward, the rest large
             # every position of the output read p_L once ("chow" only where it did not trust the small model), not
