@@ -3,9 +3,10 @@
 Jacobi and TR-Jacobi verify drafts in one forward and then roll the KV cache back to the accepted prefix
 (`DynamicCache.crop`), so they need a cache whose every layer holds per-position keys/values. They cannot run:
 
-- stateful models (`_is_stateful`: Mamba, RWKV, RecurrentGemma, xLSTM, and the hybrids Jamba, Zamba, Qwen3-Next,
-  LFM2-style ones...): their recurrent / convolution / linear-attention state summarises every position seen, so a
-  rejected draft cannot be removed from it;
+- stateful models (Mamba, RWKV, RecurrentGemma, xLSTM, and the hybrids Jamba, Zamba, Qwen3-Next, LFM2-style
+  ones...): their recurrent / convolution / linear-attention state summarises every position seen, so a rejected
+  draft cannot be removed from it. Found by feature: the model's `_is_stateful` flag (transformers up to 5.24) or a
+  linear-attention layer in the cache it builds (`LinearAttentionCacheLayerMixin`, the only sign from 5.25 on);
 - models that keep no cache at all (OpenAI GPT, XLM, ...): each verification would recompute the whole text;
 - models whose cache is their own class rather than a `DynamicCache` (Reformer, XLNet, the original MiniMax);
 - the few types listed in `UNSUPPORTED_TYPES`, whose forward breaks a premise of the strategies.
@@ -19,7 +20,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import transformers.cache_utils as cache_utils
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["UNSUPPORTED_TYPES", "check_cascade_member", "check_decoding_support", "decoding_refusal"]
 
@@ -31,6 +36,10 @@ UNSUPPORTED_TYPES: dict[str, str] = {
 }
 _ROLLBACK_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 _CACHE_ARGUMENTS = ("cache", "past_key_values", "past", "mems")
+# Cache layers that hold recurrent / convolution state (absent from releases that predate them: nothing to detect)
+_RECURRENT_LAYERS = tuple(
+    kind for kind in (getattr(cache_utils, "LinearAttentionCacheLayerMixin", None),) if isinstance(kind, type)
+)
 
 
 def _model_type(model) -> str | None:
@@ -51,6 +60,31 @@ def _supports_dynamic_cache(model) -> bool:
     return bool(check()) if callable(check) else True
 
 
+def _config_cache_layers(model) -> list:
+    """The layers of the `DynamicCache` that `generate` would build for `model` (none when it cannot be built)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return []
+    try:
+        return list(DynamicCache(config=config.get_text_config(decoder=True)).layers)
+    except Exception as error:  # the real cache's layers are still checked once `generate` has built it
+        logger.warning_once(
+            f"Could not build a DynamicCache from the {type(config).__name__} to look for recurrent layers ({error!r}); "
+            "the cache that generate builds is checked instead."
+        )
+        return []
+
+
+def _is_stateful(model, cache: Any = None) -> bool:
+    """Whether `model` keeps recurrent state: its own flag where transformers has one (up to 5.24, authoritative),
+    else a recurrent layer in its cache (`cache` when given, else the one its config builds)."""
+    flag = getattr(model, "_is_stateful", None)
+    if flag is not None or not _RECURRENT_LAYERS:
+        return bool(flag)
+    layers = cache.layers if isinstance(cache, DynamicCache) else _config_cache_layers(model)
+    return any(isinstance(layer, _RECURRENT_LAYERS) for layer in layers)
+
+
 def decoding_refusal(model, cache: Any = None) -> str | None:
     """Why Jacobi-style decoding (draft, verify, roll back) cannot run `model`, or None when it can.
 
@@ -63,7 +97,7 @@ def decoding_refusal(model, cache: Any = None) -> str | None:
     name = f"{type(model).__name__} (model_type {_model_type(model)!r})"
     if _model_type(model) in UNSUPPORTED_TYPES:
         return f"{name} cannot run it: {UNSUPPORTED_TYPES[_model_type(model)]}"
-    if getattr(model, "_is_stateful", False):
+    if _is_stateful(model, cache):
         return (
             f"{name} keeps recurrent state (state-space, convolution or linear-attention layers) that summarises every "
             "position it has seen, so rejected drafts cannot be rolled back out of it"
@@ -106,7 +140,7 @@ _OWN_CACHE_TYPES = {"xlm": "takes its own dict of per-layer states as `cache`, n
 def _cascade_member_refusal(model) -> str | None:
     if _model_type(model) in _OWN_CACHE_TYPES:
         return _OWN_CACHE_TYPES[_model_type(model)]
-    stateful = getattr(model, "_is_stateful", False)
+    stateful = _is_stateful(model)
     if not _takes_a_cache(model):
         return (
             "keeps its recurrent state in a cache of its own, not a DynamicCache"

@@ -61,8 +61,10 @@ def assert_expected(result: dict) -> None:
     for feature in FEATURES:
         outcome = result[feature]
         if feature in expected:
-            if outcome_kind(outcome) != "refused" or expected[feature] not in outcome:
-                problems.append(f"{feature}: expected a refusal mentioning {expected[feature]!r}, got {outcome}")
+            needles = expected[feature]
+            if outcome_kind(outcome) != "refused" or not any(needle in outcome for needle in needles):
+                wanted = " or ".join(repr(needle) for needle in needles)
+                problems.append(f"{feature}: expected a refusal mentioning {wanted}, got {outcome}")
         elif outcome != "exact":
             problems.append(f"{feature}: {outcome}")
     assert not problems, f"{model_type}: " + "; ".join(problems)

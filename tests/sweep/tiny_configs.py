@@ -103,6 +103,8 @@ _MLA = {
 TYPE_TWEAKS: dict[str, dict[str, Any]] = {
     # byte-group hash embeddings default to 500,002 rows per group
     "blt": {"encoder_hash_byte_group_vocab": 64, "encoder_hash_byte_group_size": [3, 4]},
+    # the indexer's 12 heads must fit in the query heads of one key head (4 query heads over 2 key heads here)
+    "kolibri1_1": {"index_num_heads": 2},
     **{
         t: dict(_MLA)
         for t in (
