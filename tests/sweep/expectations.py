@@ -35,7 +35,7 @@ def _refused(**features: str | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
 
 
 # model_type -> {feature: text the refusal must contain}; features: jacobi, tr_jacobi, export, patch_loss
-EXPECTED: dict[str, dict[str, str]] = {
+EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
     **{
         t: _refused(jacobi="cache layers not croppable", tr_jacobi="cache layers not croppable")
         for t in (
