@@ -29,6 +29,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     # decoding
     "generate": "hf_effitrain.hub.generation_effi",
     "EffiGenerationMixin": "hf_effitrain.hub.generation_effi",
+    "DraftMemory": "hf_effitrain.hub.draft_memory",
     # patch-level training
     "PatchTrainer": "hf_effitrain.methods.patch.trainer",
     "PatchTrainingArguments": "hf_effitrain.methods.patch.config",

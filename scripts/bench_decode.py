@@ -9,7 +9,11 @@ One run, side by side:
    files never trained on), decode greedily with every method on both models:
    `greedy` (`generate`), `static_greedy` (`cache_implementation="static"`), `prompt_lookup`
    (`prompt_lookup_num_tokens=10`), and this package's `jacobi`, `tr_jacobi_msn` (the static 69-node tree),
-   `tr_jacobi` (the default `tree="auto"`) and `tr_jacobi_datastore` (auto + the datastore);
+   `tr_jacobi_no_memory` (the auto tree drafting from the prompt + generated text only), `tr_jacobi` (the default:
+   `tree="auto"` plus the memory of earlier outputs) and `tr_jacobi_datastore` (the default + the datastore);
+   the memory of earlier outputs holds greedy's outputs of the prompts measured BEFORE the current one (a
+   `DraftMemory(learn=False)` filled by this script after each prompt, so that no method ever drafts from the
+   current prompt's own output, whatever the order of methods or repeats);
    per prompt: new tokens, model forwards (counted by a forward hook, the same way for every method), wall-clock,
    whether the output equals greedy's token for token, the cost over its own forwards (wall-clock over the seconds
    spent inside the model's forwards of that very call, timed by forward hooks: what the decoding loop adds to plain
@@ -59,6 +63,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallba
 
 from hf_effitrain.data import build_code_sft_dataset, load_corpus, pack_dataset, train_tokenizer
 from hf_effitrain.data.datastore import build_datastore, load_datastore, save_datastore
+from hf_effitrain.hub.draft_memory import DraftMemory
 from hf_effitrain.hub.generation_effi import generate as effi_generate
 from hf_effitrain.hub.transformers_compat import model_cache_kwarg
 from hf_effitrain.methods.msn.config import NoisySFTConfig
@@ -131,8 +136,18 @@ SIZES = {
         datastore_tokens=50_000_000,
     ),
 }
-# tr_jacobi = the default (tree="auto"); tr_jacobi_msn = the paper's static 69-node tree
-METHODS = ("greedy", "static_greedy", "prompt_lookup", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore")
+# tr_jacobi = the default (tree="auto" + the memory of earlier outputs); tr_jacobi_no_memory = the auto tree without
+# that memory; tr_jacobi_msn = the paper's static 69-node tree
+METHODS = (
+    "greedy",
+    "static_greedy",
+    "prompt_lookup",
+    "jacobi",
+    "tr_jacobi_msn",
+    "tr_jacobi_no_memory",
+    "tr_jacobi",
+    "tr_jacobi_datastore",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -399,7 +414,16 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def decode(model, ids, method: str, max_new_tokens: int, pad_id: int, stop_at_eos: bool = False, datastore=None):
+def decode(
+    model,
+    ids,
+    method: str,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_at_eos: bool = False,
+    datastore=None,
+    memory: DraftMemory | None = None,
+):
     common = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
     if not stop_at_eos:
         common["eos_token_id"] = None
@@ -414,10 +438,13 @@ def decode(model, ids, method: str, max_new_tokens: int, pad_id: int, stop_at_eo
         return effi_generate(model, ids, strategy="jacobi", **ours)
     if method == "tr_jacobi_msn":
         return effi_generate(model, ids, strategy="tr_jacobi", tree="msn", **ours)
-    if method == "tr_jacobi":  # the default: tree="auto"
-        return effi_generate(model, ids, strategy="tr_jacobi", **ours)
+    if method == "tr_jacobi_no_memory":
+        return effi_generate(model, ids, strategy="tr_jacobi", draft_memory_tokens=0, **ours)
+    # the default (tree="auto"), with the benchmark's memory in place of the model's own (which would also learn)
+    if method == "tr_jacobi":
+        return effi_generate(model, ids, strategy="tr_jacobi", draft_memory=memory, **ours)
     if method == "tr_jacobi_datastore":
-        return effi_generate(model, ids, strategy="tr_jacobi", datastore=datastore, **ours)
+        return effi_generate(model, ids, strategy="tr_jacobi", datastore=datastore, draft_memory=memory, **ours)
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
 
 
@@ -506,6 +533,8 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
     and each (prompt, method) time is the minimum of `--repeats` runs.
     """
     methods = [m for m in METHODS if m != "tr_jacobi_datastore" or datastore is not None]
+    # greedy's outputs of the prompts already measured: what a server's memory would hold when this prompt arrives
+    memory = DraftMemory(learn=False)
     counter = ForwardCounter(model)
     encoded = [tokenizer(p["text"], return_tensors="pt")["input_ids"].to(model.device) for p in prompts]
     rows = {method: [] for method in methods}
@@ -513,7 +542,7 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
     # call so far), the auto-compiled forward on CUDA, and the auto tree's one-off forward-cost measurement
     longest = max(encoded, key=lambda ids: ids.shape[1])
     for method in methods:
-        decode(model, longest, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore)
+        decode(model, longest, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore, memory)
     median = sorted(encoded, key=lambda ids: ids.shape[1])[len(encoded) // 2]
     reference = ReferenceForward(model, median)
     started = time.perf_counter()
@@ -534,7 +563,14 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
                 start = time.perf_counter()
                 with torch.inference_mode():
                     out = decode(
-                        model, ids, method, args.max_new_tokens, tokenizer.pad_token_id, args.stop_at_eos, datastore
+                        model,
+                        ids,
+                        method,
+                        args.max_new_tokens,
+                        tokenizer.pad_token_id,
+                        args.stop_at_eos,
+                        datastore,
+                        memory,
                     )
                 _sync()
                 timings.append((time.perf_counter() - start, counter.seconds))
@@ -566,6 +602,7 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
                 row["step_ms"] = 1e3 * max(seconds - prefill, 0.0) / steps
                 row["step_overhead_ratio"] = row["step_ms"] / (1e3 * plain)
             rows[method].append(row)
+        memory.add(expected.tolist())  # only now: no method drafted from this prompt's own output
     results = {}
     greedy_rate = sum(r["new_tokens"] for r in rows["greedy"]) / sum(r["seconds"] for r in rows["greedy"])
     for method in methods:
@@ -596,6 +633,8 @@ def measure(model, tokenizer, prompts, args, datastore=None) -> dict:
             result[f"speedup_vs_greedy_{source}"] = (
                 sum(r["new_tokens"] for r in part) / sum(r["seconds"] for r in part)
             ) / (sum(r["new_tokens"] for r in base) / sum(r["seconds"] for r in base))
+        if method in ("tr_jacobi", "tr_jacobi_datastore"):
+            result["draft_memory_tokens_at_end"] = len(memory)  # greedy's outputs of all measured prompts
         result["per_prompt"] = mine
         results[method] = result
         logger.info(

@@ -35,6 +35,7 @@ import copy
 import inspect
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .decoding_support import check_decoding_support
+from .draft_memory import DraftMemory
 from .draft_tree_auto import AcceptanceStats, Cell, StepTree, forward_cost, select_tree, static_step_tree
 from .generation_jacobi_tree import chain_nodes, tr_jacobi_nodes
 from .retrieval_datastore import RetrievalDatastore
@@ -91,13 +93,22 @@ STRATEGY_DEFAULTS: dict[str, int | str] = {
     "retrieval_length": 10,  # tokens per retrieval branch (auto tree; the static tree's chain stops at tree_depth)
     "retrieval_branches": 3,  # suffix-structure branches of an auto tree (the static tree has one)
     "datastore_branches": 2,  # branches from a `datastore=` (auto tree; the static tree uses the suffix one)
+    "memory_branches": 2,  # branches from the memory of earlier outputs (auto tree)
+    "draft_memory_tokens": 32768,  # size of the model's default memory of earlier outputs (0: none)
     "draft_seed": 0,  # seed of the history-sampled filler drafts (any value gives the same output)
 }
 TREES = {
     "auto": "sized per step for this device and the running acceptance",
     "msn": "the MSN paper's static 69-node tree",
 }
-_NON_NEGATIVE = {"draft_seed", "tree_budget", "retrieval_branches", "datastore_branches"}
+_NON_NEGATIVE = {
+    "draft_seed",
+    "tree_budget",
+    "retrieval_branches",
+    "datastore_branches",
+    "memory_branches",
+    "draft_memory_tokens",
+}
 # Devices where nothing runs asynchronously, so a second device-to-host read costs nothing: the top-k is then computed
 # only for the rows that seed the next step (CPU argmax/topk over all of a 69-token tree's rows costs ~5 ms here).
 _SPLIT_SYNC_DEVICES = ("cpu",)
@@ -290,10 +301,15 @@ def tr_jacobi_generate(
         "retrieval_length",
         "retrieval_branches",
         "datastore_branches",
+        "memory_branches",
+        "draft_memory_tokens",
         "draft_seed",
     )
     params = _resolve_params(model, generation_config, kwargs, names)
     datastore = _resolve_datastore(model, kwargs.pop("datastore", None), kwargs.get("tokenizer"))
+    memory = kwargs.pop("draft_memory", None)
+    if memory is not None and not isinstance(memory, DraftMemory):
+        raise TypeError(f"`draft_memory` must be a DraftMemory or None (the model's own), got {type(memory).__name__}.")
     check_decoding_support(model, "tr_jacobi")  # the architecture's own reason first, before signature checks
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in _ATTENTION_WITH_CUSTOM_MASKS:
@@ -309,9 +325,10 @@ def tr_jacobi_generate(
     depth, top_k, length = params["tree_depth"], params["tree_top_k"], params["retrieval_length"]
     common = dict(top_k=top_k, depth=depth, ngram=params["retrieval_ngram_size"], retrieval_length=length)
     if params["tree"] == "msn":
-        if datastore is not None:
+        if datastore is not None or memory is not None:
             raise ValueError(
-                "`datastore` drafts go into the auto tree; use tree='auto' (the static 'msn' tree has one suffix branch)."
+                "`datastore` and `draft_memory` drafts go into the auto tree; use tree='auto' (the static 'msn' tree "
+                "has one suffix branch)."
             )
         plan = _TreePlan("msn", suffix_branches=1, nodes=tr_jacobi_nodes(depth, top_k, length), **common)
     else:
@@ -321,9 +338,29 @@ def tr_jacobi_generate(
             store_branches=params["datastore_branches"] if datastore is not None else 0,
             budget=params["tree_budget"],
             datastore=datastore,
+            memory=memory
+            if memory is not None
+            else _default_memory(model, params["draft_memory_tokens"], params["retrieval_ngram_size"]),
+            memory_branches=params["memory_branches"],
             **common,
         )
     return _run(model, inputs, generation_config, kwargs, "tr_jacobi", plan, params["draft_seed"])
+
+
+_MEMORIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], DraftMemory]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _default_memory(model, max_tokens: int, max_ngram: int) -> DraftMemory | None:
+    """The model's own memory of earlier outputs (one per size and n-gram length; None when `max_tokens` is 0)."""
+    if not max_tokens:
+        return None
+    per_model = _MEMORIES.setdefault(model, {})
+    memory = per_model.get((max_tokens, max_ngram))
+    if memory is None:
+        memory = per_model[(max_tokens, max_ngram)] = DraftMemory(max_tokens, max_ngram)
+    return memory
 
 
 def _resolve_datastore(model, datastore: Any, tokenizer: Any) -> RetrievalDatastore | None:
@@ -481,11 +518,14 @@ class _TreePlan:
     store_branches: int = 0
     budget: int = 0
     datastore: Any = None
+    memory: DraftMemory | None = None
+    memory_branches: int = 0
     nodes: list[tuple[int, ...]] | None = None  # static trees
 
     @property
     def rows_needed(self) -> int:
-        return max(self.depth, self.retrieval_length if (self.suffix_branches or self.store_branches) else 0)
+        retrieves = self.suffix_branches or self.store_branches or self.memory_branches
+        return max(self.depth, self.retrieval_length if retrieves else 0)
 
     @property
     def max_nodes(self) -> int:
@@ -523,6 +563,11 @@ class _Drafts:
             branches += [
                 (tokens, confidences, "suffix")
                 for tokens, confidences in self.suffix.propose(plan.suffix_branches, length)
+            ]
+        if plan.memory is not None and plan.memory_branches:
+            branches += [
+                (tokens, confidences, "memory")
+                for tokens, confidences in plan.memory.propose(self.history, plan.memory_branches, length)
             ]
         if plan.datastore is not None and plan.store_branches:
             branches += [
@@ -790,6 +835,8 @@ def _decode_loop(
             spent = time.perf_counter() - step_start - (forward_end - forward_start)
             overhead = spent if len(tree_sizes) == 1 else 0.9 * overhead + 0.1 * spent
 
+    if plan.memory is not None and plan.memory.learn:
+        plan.memory.add(buffer[0, input_ids.shape[1] : length].tolist())
     if done and cache is not None and cache.get_seq_length() > cache_len:
         cache.crop(-(cache.get_seq_length() - cache_len))
     if streamer is not None:

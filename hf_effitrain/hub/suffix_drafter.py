@@ -19,6 +19,7 @@ This file ships inside checkpoints (`hub/`): it imports only the standard librar
 
 from __future__ import annotations
 
+import bisect
 import heapq
 
 __all__ = ["SuffixDrafter"]
@@ -37,6 +38,7 @@ class SuffixDrafter:
     def __init__(self, tokens: list[int], max_ngram: int):
         self.max_ngram = max_ngram
         self.tokens: list[int] = []
+        self.document_starts = [0]  # contexts and matches never reach back past the start of their document
         # context -> {next token: [count, last position]}, and context -> (total count, best next token)
         self.next: dict[tuple[int, ...], dict[int, list[int]]] = {}
         self.best: dict[tuple[int, ...], tuple[int, int]] = {}
@@ -46,9 +48,10 @@ class SuffixDrafter:
         start = max(len(self.tokens), 1)
         self.tokens.extend(tokens)
         t = self.tokens
-        for end in range(start, len(t)):  # t[end] follows the n-grams that end at end - 1
+        first = self.document_starts[-1]
+        for end in range(max(start, first + 1), len(t)):  # t[end] follows the n-grams that end at end - 1
             token = t[end]
-            for n in range(1, min(self.max_ngram, end) + 1):
+            for n in range(1, min(self.max_ngram, end - first) + 1):
                 context = tuple(t[end - n : end])
                 successors = self.next.setdefault(context, {})
                 entry = successors.setdefault(token, [0, end])
@@ -59,6 +62,12 @@ class SuffixDrafter:
                     best = token
                 self.best[context] = (total + 1, best)
 
+    def add_document(self, tokens: list[int]) -> None:
+        """Append `tokens` as a new document: no context spans the boundary with the text before it."""
+        if self.tokens:
+            self.document_starts.append(len(self.tokens))
+        self.extend(tokens)
+
     def _context(self, text: list[int]) -> tuple[int, ...] | None:
         for n in range(min(self.max_ngram, len(text)), 0, -1):
             context = tuple(text[-n:])
@@ -66,18 +75,22 @@ class SuffixDrafter:
                 return context
         return None
 
-    def propose(self, branches: int, length: int) -> list[tuple[list[int], list[float]]]:
-        """Up to `branches` continuations of up to `length` tokens, most frequent first: `(tokens, confidences)`."""
+    def propose(self, branches: int, length: int, text: list[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        """Up to `branches` continuations of up to `length` tokens, most frequent first: `(tokens, confidences)`.
+
+        They continue `text` (default: the indexed tokens themselves, i.e. the text being generated); another text
+        looks its suffix up in this index (a memory of earlier outputs)."""
         if branches < 1 or length < 1:
             return []
-        context = self._context(self.tokens)
+        text = self.tokens if text is None else text
+        context = self._context(text)
         if context is None:
             return []
         successors = self.next[context]
         total = self.best[context][0]
         firsts = heapq.nlargest(branches, successors.items(), key=lambda item: (item[1][0], item[1][1]))
         proposals = []
-        tail = self.tokens[-self.max_ngram :]
+        tail = text[-self.max_ngram :]
         for token, (count, last) in firsts:
             chain, confidences = [token], [count / (total + 1)]
             text = tail + chain
@@ -89,17 +102,18 @@ class SuffixDrafter:
                 chain.append(best)
                 confidences.append(self.next[context][best][0] / (total_next + 1))
                 text.append(best)
-            match = self._match_length(last)
+            match = self._match_length(last, text)
             if match > self.max_ngram:  # the text repeats a longer stretch than the context: likely a copy
                 shrink = self.max_ngram / match
                 confidences = [1.0 - (1.0 - c) * shrink for c in confidences]
             proposals.append((chain, confidences))
         return proposals
 
-    def _match_length(self, position: int) -> int:
-        """How many tokens before `position` equal the text's last tokens (at most `_MAX_MATCH`)."""
-        t, end = self.tokens, len(self.tokens)
-        n = 0
-        while n < _MAX_MATCH and position - 1 - n >= 0 and t[position - 1 - n] == t[end - 1 - n]:
+    def _match_length(self, position: int, text: list[int]) -> int:
+        """How many tokens before `position` equal `text`'s last tokens (at most `_MAX_MATCH`)."""
+        t, end = self.tokens, len(text)
+        floor = self.document_starts[bisect.bisect_right(self.document_starts, position) - 1]
+        n, room = 0, min(_MAX_MATCH, end)
+        while n < room and position - 1 - n >= floor and t[position - 1 - n] == text[end - 1 - n]:
             n += 1
         return n

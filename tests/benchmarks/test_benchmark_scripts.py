@@ -242,6 +242,7 @@ def test_bench_decode(tmp_path):
             "prompt_lookup",
             "jacobi",
             "tr_jacobi_msn",
+            "tr_jacobi_no_memory",
             "tr_jacobi",
             "tr_jacobi_datastore",
         }
@@ -257,8 +258,10 @@ def test_bench_decode(tmp_path):
             # the forwards timed by hooks are a part of the call's wall-clock
             assert all(0 < p["forward_seconds"] <= p["seconds"] for p in method["per_prompt"]), (model, name)
             assert method["cost_over_own_forwards"] >= 1.0
-        for name in ("greedy", "jacobi", "tr_jacobi_msn", "tr_jacobi", "tr_jacobi_datastore"):
+        for name in ("greedy", "jacobi", "tr_jacobi_msn", "tr_jacobi_no_memory", "tr_jacobi", "tr_jacobi_datastore"):
             assert methods[name]["step_overhead_ratio"] > 0 and methods[name]["mean_tree_size"] >= 1
+        # the memory learns greedy's output of each prompt after all methods ran on it: 3 prompts, 8 new tokens each
+        assert methods["tr_jacobi"]["draft_memory_tokens_at_end"] == 3 * 8
         assert methods["tr_jacobi_msn"]["mean_tree_size"] > methods["jacobi"]["mean_tree_size"]
         mean, low, high = methods["greedy"]["text_retrieval_ceiling_95"]  # drafting from the text, with hindsight
         assert (

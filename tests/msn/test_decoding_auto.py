@@ -11,6 +11,7 @@ import hf_effitrain
 from hf_effitrain.data import load_corpus, train_tokenizer
 from hf_effitrain.data.datastore import build_datastore, load_datastore, save_datastore
 from hf_effitrain.hub import generation_jacobi
+from hf_effitrain.hub.draft_memory import DraftMemory
 from hf_effitrain.hub.draft_tree_auto import AcceptanceStats, Cell, ForwardCost, select_tree
 from hf_effitrain.hub.retrieval_datastore import RetrievalDatastore
 from tests.testing_utils import ARCHITECTURES, tiny_model
@@ -143,3 +144,49 @@ def test_datastore_propose_save_load_and_vocabulary_check(tmp_path):
     assert torch.equal(
         _tr(model, ids, max_new_tokens=16, datastore=tmp_path / "ds", tokenizer=tokenizer).sequences, expected
     )
+
+
+def test_draft_memory_proposes_from_earlier_outputs_and_stays_bounded():
+    memory = DraftMemory(max_tokens=40, max_ngram=2)
+    memory.add([1, 2, 3, 4, 5])
+    memory.add([6, 2, 3, 9])
+    # after (2, 3): 4 and 9 once each (confidence 1 / (2 + 1)), the most recent first; each continues within its own
+    # output only
+    assert memory.propose([8, 2, 3], branches=2, length=3) == [([9], [1 / 3]), ([4, 5], [1 / 3, 0.5])]
+    assert memory.propose([5, 6], branches=1, length=2) == [([2, 3], [0.5, 0.5])]  # no context spans two outputs
+    assert memory.propose([5, 7], branches=1, length=2) == []  # 5 ends an output: nothing followed it there
+    for start in range(100, 150, 10):  # 50 more tokens: the oldest outputs go, at most 40 are held
+        memory.add(list(range(start, start + 10)))
+    assert 20 <= len(memory) <= 40 and memory.propose([2, 3], 1, 1) == []
+    assert memory.propose([143], 1, 2) == [([144, 145], [0.5, 0.5])]
+    memory.clear()
+    assert len(memory) == 0 and memory.propose([143], 1, 2) == []
+    with pytest.raises(ValueError, match="`max_tokens` must be a positive int, got 0"):
+        DraftMemory(max_tokens=0)
+
+
+def test_draft_memory_exact_and_learns_across_calls(flat_forward_cost):
+    model = tiny_model("llama")  # its own instance: the model's default memory starts empty
+    torch.manual_seed(11)
+    ids = torch.randint(0, 128, (1, 12))
+    expected = _greedy(model, ids, max_new_tokens=40)
+    no_memory = _tr(model, ids, max_new_tokens=40, draft_memory_tokens=0)
+    first = _tr(model, ids, max_new_tokens=40)  # fills the model's default memory with its output
+    again = _tr(model, ids, max_new_tokens=40)  # drafts from it
+    for out in (no_memory, first, again):
+        assert torch.equal(out.sequences, expected)
+    assert first.num_forwards == no_memory.num_forwards  # nothing remembered yet
+    assert again.num_forwards <= 40 // 3  # the remembered output is copied many tokens per forward
+    # an explicit memory that does not learn: the caller decides what it holds
+    frozen = DraftMemory(learn=False)
+    assert _tr(model, ids, max_new_tokens=40, draft_memory=frozen).num_forwards == no_memory.num_forwards
+    assert len(frozen) == 0
+    frozen.add(expected[0, ids.shape[1] :].tolist())
+    out = _tr(model, ids, max_new_tokens=40, draft_memory=frozen)
+    assert torch.equal(out.sequences, expected) and out.num_forwards <= 40 // 3
+    with pytest.raises(TypeError, match="`draft_memory` must be a DraftMemory or None"):
+        _tr(model, ids, max_new_tokens=4, draft_memory=[1, 2])
+    with pytest.raises(ValueError, match="tree='auto'"):
+        _tr(model, ids, max_new_tokens=4, draft_memory=frozen, tree="msn")
+    with pytest.raises(ValueError, match="`draft_memory_tokens` must be a non-negative int, got -1"):
+        _tr(model, ids, max_new_tokens=4, draft_memory_tokens=-1)
