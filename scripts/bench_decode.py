@@ -261,6 +261,19 @@ def _save_state(work: Path, state: dict) -> None:
     (work / "train.json").write_text(json.dumps(state, indent=1))
 
 
+def work_dir_tokenizer(args, corpus, work: Path):
+    """The tokenizer saved with a cached pre-trained checkpoint, else one trained on the corpus.
+
+    The corpus is this machine's installed Python source, so it changes when a package is installed, and so does a
+    freshly trained tokenizer: models reused from `--work-dir` must be decoded with the one they were trained with.
+    """
+    saved = work / "pretrain"
+    if (saved / "model.safetensors").exists() and (saved / "tokenizer.json").exists():
+        logger.info("using the tokenizer saved with the pre-trained checkpoint in %s", saved)
+        return transformers.AutoTokenizer.from_pretrained(saved)
+    return train_tokenizer(corpus, vocab_size=args.vocab_size)
+
+
 def pretrain(args, corpus, tokenizer, work: Path) -> Path:
     """A token-level code model pre-trained with the stock `Trainer` on packed corpus blocks (reused from `--work-dir`)."""
     out = work / "pretrain"
@@ -304,6 +317,7 @@ def pretrain(args, corpus, tokenizer, work: Path) -> Path:
     steps = trainer.state.global_step
     logger.info("pre-trained %d params for %d steps in %.0fs", model.num_parameters(), steps, seconds)
     trainer.save_model()
+    tokenizer.save_pretrained(out)  # the work dir keeps the tokenizer its models were trained with
     state.update(
         pretrain_seconds=seconds,
         pretrain_steps=steps,
@@ -753,7 +767,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_decode_"))
     corpus = load_corpus("python", scope=args.scope, max_files=args.max_files)
-    tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size)
+    tokenizer = work_dir_tokenizer(args, corpus, work)
     sft = build_code_sft_dataset("python", scope=args.scope, max_files=args.max_files)
     pretrained = pretrain(args, corpus, tokenizer, work)
     if args.stage == "train":

@@ -93,15 +93,15 @@ class SuffixDrafter:
         tail = text[-self.max_ngram :]
         for token, (count, last) in firsts:
             chain, confidences = [token], [count / (total + 1)]
-            text = tail + chain
+            extended = tail + chain
             while len(chain) < length:
-                context = self._context(text)
+                context = self._context(extended)
                 if context is None:
                     break
                 total_next, best = self.best[context]
                 chain.append(best)
                 confidences.append(self.next[context][best][0] / (total_next + 1))
-                text.append(best)
+                extended.append(best)
             match = self._match_length(last, text)
             if match > self.max_ngram:  # the text repeats a longer stretch than the context: likely a copy
                 shrink = self.max_ngram / match
