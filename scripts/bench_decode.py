@@ -707,7 +707,11 @@ def plot(report: dict, path: Path) -> None:
     )
     for ax, title in zip(axes, titles):
         ax.set_xticks(
-            [i + width * (len(models) - 1) / 2 for i in range(len(methods))], methods, rotation=25, fontsize=8
+            [i + width * (len(models) - 1) / 2 for i in range(len(methods))],
+            methods,
+            rotation=35,
+            ha="right",
+            fontsize=8,
         )
         ax.set_title(title, fontsize=10)
         ax.axhline(1.0, color="grey", lw=0.8)
