@@ -255,6 +255,7 @@ def test_msn_effi_model_generate_strategy_and_config_default():
         ({"tree": "medusa"}, ValueError, r"Unknown `tree` 'medusa'; allowed: 'auto' .*'msn'"),
         ({"tree_budget": -3}, ValueError, "`tree_budget` must be a non-negative int, got -3"),
         ({"retrieval_branches": -1}, ValueError, "`retrieval_branches` must be a non-negative int, got -1"),
+        ({"memory_branches": -2}, ValueError, "`memory_branches` must be a non-negative int, got -2"),
         ({"do_sample": True}, ValueError, "greedy only"),
         ({"num_beams": 2}, ValueError, "exact greedy"),
         ({"cache_implementation": "static"}, ValueError, "DynamicCache"),
